@@ -1,0 +1,225 @@
+"""Typed configuration: one dataclass per concern, two profiles (``smoke`` for a 2-core CPU, ``full``
+for one GPU), and every filesystem path overridable by one environment variable."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+PROJECT_ROOT = Path(os.environ.get("VQHPS_ROOT", PACKAGE_ROOT.parent)).resolve()
+
+#: environment variable -> Paths field it overrides
+PATH_ENV_VARS = {
+    "VQHPS_DATA_DIR": "data",
+    "VQHPS_CACHE_DIR": "cache",
+    "VQHPS_RESULTS_DIR": "results",
+    "VQHPS_SMPL_DIR": "smpl_dir",
+}
+
+
+def _env_path(var: str, default: Path) -> Path:
+    value = os.environ.get(var)
+    return Path(value).expanduser().resolve() if value else default
+
+
+@dataclass
+class Paths:
+    """Where data, caches, results and user-supplied body-model files live."""
+
+    data: Path = field(default_factory=lambda: _env_path("VQHPS_DATA_DIR", PROJECT_ROOT / "data"))
+    cache: Path = field(default_factory=lambda: _env_path("VQHPS_CACHE_DIR", PROJECT_ROOT / ".cache"))
+    results: Path = field(default_factory=lambda: _env_path("VQHPS_RESULTS_DIR", PROJECT_ROOT / "results"))
+    smpl_dir: Path = field(
+        default_factory=lambda: _env_path("VQHPS_SMPL_DIR", PROJECT_ROOT / "data" / "body_models" / "smpl")
+    )
+
+    @property
+    def anny_cache(self) -> Path:
+        return self.cache / "anny"
+
+
+@dataclass
+class BodyConfig:
+    """Which body model produces the meshes. ``anny`` is open and embedded; ``smpl`` needs user files."""
+
+    model: Literal["anny", "smpl"] = "anny"
+    #: anny topology name ("default": 13,718 vertices; "notoes_collapse10pc" etc. are coarser)
+    topology: str = "default"
+    smpl_gender: Literal["neutral", "male", "female"] = "neutral"
+    #: posed samples used to fit the vertex -> joint regressors
+    regressor_fit_samples: int = 2000
+    regressor_seed: int = 1234
+
+
+@dataclass
+class DataConfig:
+    """Sizes and settings of the synthetic benchmark (3DPW analogue) and mesh corpus (AMASS analogue)."""
+
+    corpus_train: int = 200_000
+    corpus_test: int = 5_000
+    n_train: int = 50_000
+    n_val: int = 2_000
+    n_test: int = 5_000
+    #: full-frame render resolution (square) and network input crop size
+    render_size: int = 320
+    crop_size: int = 224
+    shard_size: int = 2_000
+    #: fraction of images with a synthetic occluder / dim or harsh light / truncation
+    occluder_prob: float = 0.2
+    bad_light_prob: float = 0.15
+    truncation_prob: float = 0.1
+    num_workers: int = 8
+    seed: int = 0
+
+
+@dataclass
+class HierarchyConfig:
+    """Pooling hierarchy of the Mesh-VQ-VAE: vertex counts per level, finest excluded, coarsest last.
+
+    ``level_sizes=None`` derives them from the template size with the paper's SMPL ratios
+    (6890 -> 1925 -> 400 -> 54)."""
+
+    level_sizes: tuple[int, ...] | None = None
+    bottom_size: int = 54
+    #: target neighbourhood size of pooling (each coarse vertex averages about this many fine ones)
+    pool_neighbours: int = 16
+    max_neighbours: int = 26
+
+
+@dataclass
+class VQVAEConfig:
+    """Mesh-VQ-VAE architecture and training (authors' architecture; faster schedule, see README)."""
+
+    channels: tuple[int, ...] = (32, 64, 128)
+    latent_dim: int = 9
+    codebook_size: int = 512
+    n_basis: int = 9
+    residual_rate: float = 0.5
+    ema_decay: float = 0.99
+    commitment: float = 0.25
+    dead_code_threshold: float = 1e-3
+    batch_size: int = 64
+    lr: float = 1e-3
+    pretrain_steps: int = 20_000
+    finetune_steps: int = 4_000
+    finetune_lr: float = 2e-4
+
+
+@dataclass
+class VQHPSConfig:
+    """VQ-HPS network (paper Sec. 4.2) and its training (authors' optimiser)."""
+
+    d_model: int = 512
+    n_heads: int = 8
+    enc_layers: int = 1
+    dec_layers: int = 1
+    mlp_hidden: int = 1024
+    dropout: float = 0.2
+    #: None = train from scratch (embedded default); "imagenet" = torchvision weights from the user's cache
+    backbone_weights: Literal["imagenet"] | None = None
+    #: condition the token logits on the predicted rotation and camera (paper: yes)
+    condition_on_camera: bool = True
+    loss: Literal["ce", "3d"] = "ce"
+    use_reprojection: bool = True
+    refine_rotation: bool = False
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 1e-3
+    epochs: int = 10
+    lr_step_epochs: int = 7
+    lr_gamma: float = 0.1
+    rot_weight: float = 1.0
+    reproj_weight: float = 1.0
+
+
+@dataclass
+class RuntimeConfig:
+    """How code runs: device, mixed precision, compilation, logging."""
+
+    device: str = "auto"
+    amp: bool = True
+    compile: bool = True
+    channels_last: bool = True
+    log_every: int = 50
+    ckpt_every: int = 1_000
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    profile: str = "full"
+    seed: int = 0
+    paths: Paths = field(default_factory=Paths)
+    body: BodyConfig = field(default_factory=BodyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)
+    vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
+    vqhps: VQHPSConfig = field(default_factory=VQHPSConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    @property
+    def results_dir(self) -> Path:
+        return self.paths.results / self.profile
+
+    @property
+    def data_dir(self) -> Path:
+        return self.paths.data / self.profile
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def full() -> Config:
+    """The study on one GPU: the defaults above."""
+    return Config(profile="full")
+
+
+def smoke() -> Config:
+    """Every notebook on a 2-core CPU in minutes: coarse mesh, tiny data, 64-pixel crops, few steps."""
+    return Config(
+        profile="smoke",
+        body=BodyConfig(topology="notoes_collapse10pc", regressor_fit_samples=600),
+        data=DataConfig(
+            corpus_train=2_000, corpus_test=200, n_train=320, n_val=32, n_test=96,
+            render_size=128, crop_size=64, shard_size=128, num_workers=0,
+        ),
+        vqvae=VQVAEConfig(batch_size=32, lr=2e-3, pretrain_steps=300, finetune_steps=100, finetune_lr=5e-4),
+        vqhps=VQHPSConfig(d_model=128, n_heads=4, mlp_hidden=256, batch_size=16, epochs=3, lr_step_epochs=2, lr=3e-4),
+        runtime=RuntimeConfig(device="cpu", amp=False, compile=False, channels_last=False, log_every=10, ckpt_every=100),
+    )
+
+
+PROFILES = {"smoke": smoke, "full": full}
+
+
+def load_config(profile: str = "smoke", **overrides: Any) -> Config:
+    """Build a profile and apply dotted overrides, e.g. ``load_config("smoke", **{"vqvae.lr": 1e-3})``."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    cfg = PROFILES[profile]()
+    for dotted, value in overrides.items():
+        _set_dotted(cfg, dotted, value)
+    return cfg
+
+
+def _set_dotted(cfg: Any, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.replace("__", ".").split(".")
+    target = cfg
+    for name in parents:
+        target = getattr(target, name)
+    if not hasattr(target, leaf):
+        raise AttributeError(f"config has no field {dotted!r}")
+    setattr(target, leaf, value)
