@@ -46,8 +46,8 @@ class BodyConfig:
     """Which body model produces the meshes. ``anny`` is open and embedded; ``smpl`` needs user files."""
 
     model: Literal["anny", "smpl"] = "anny"
-    #: anny topology name ("default": 13,718 vertices; "notoes_collapse10pc" etc. are coarser)
-    topology: str = "default"
+    #: anny topology name ("anny": 13,718 vertices, 13,348 on the body surface)
+    topology: str = "anny"
     smpl_gender: Literal["neutral", "male", "female"] = "neutral"
     #: posed samples used to fit the vertex -> joint regressors
     regressor_fit_samples: int = 2000
@@ -191,7 +191,7 @@ def smoke() -> Config:
     """Every notebook on a 2-core CPU in minutes: coarse mesh, tiny data, 64-pixel crops, few steps."""
     return Config(
         profile="smoke",
-        body=BodyConfig(topology="notoes_collapse10pc", regressor_fit_samples=600),
+        body=BodyConfig(regressor_fit_samples=600),
         data=DataConfig(
             corpus_train=2_000, corpus_test=200, n_train=320, n_val=32, n_test=96,
             render_size=128, crop_size=64, shard_size=128, num_workers=0,

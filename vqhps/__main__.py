@@ -1,0 +1,3 @@
+from vqhps.cli import main
+
+raise SystemExit(main())

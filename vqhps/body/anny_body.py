@@ -1,0 +1,130 @@
+"""The embedded default body model: ``anny`` (open, CC0 assets), wrapped in the common interface.
+
+anny is z-up and faces -y; this wrapper rotates it into the shared convention (y up, facing +z,
+left = +x), keeps only the body surface (the mouth interior and eyeballs are separate mesh pieces
+that carry no pose or shape information) and exposes the 6 phenotype parameters as shape.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.csgraph as csgraph
+import torch
+
+from .base import BodyModel, BodyOutput
+
+#: rotation taking anny's frame (z up, facing -y) to the shared one (y up, facing +z)
+ANNY_TO_SHARED = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]], dtype=torch.float64)
+
+PHENOTYPES = ("gender", "age", "muscle", "weight", "height", "proportions")
+
+
+def _import_anny(cache_dir: Path):
+    """Import anny with its model cache under the project cache (built once, ~1 GB)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("ANNY_CACHE_DIR", str(cache_dir))
+    try:
+        import anny
+        import anny.paths
+    except ImportError as err:  # pragma: no cover - exercised only without the dependency
+        raise ImportError("the body model package `anny` is missing: run `make setup`") from err
+    anny.paths.set_anny_cache_path(cache_dir)
+    return anny
+
+
+def build_anny(cache_dir: Path, topology: str = "anny"):
+    """Construct the raw anny model; the first call builds anny's cache (≈1 min, ≈0.8 GB)."""
+    anny = _import_anny(cache_dir)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Fallback to lbs skinning.*")
+        return anny.Anny(topology=topology)
+
+
+def largest_component(n_vertices: int, faces: np.ndarray) -> np.ndarray:
+    """Sorted indices of the vertices of the largest edge-connected piece of a triangle mesh."""
+    rows = faces.ravel()
+    cols = np.roll(faces, 1, axis=1).ravel()
+    adj = sp.coo_matrix((np.ones(rows.size), (rows, cols)), shape=(n_vertices, n_vertices))
+    _, labels = csgraph.connected_components(adj, directed=False)
+    biggest = np.bincount(labels).argmax()
+    return np.flatnonzero(labels == biggest)
+
+
+class AnnyBody(BodyModel):
+    """anny's body surface with 6 phenotype shape parameters and per-bone local rotations as pose.
+
+    ``forward(pose, shape)``: pose (B, 104, 3, 3) local bone rotations in anny's ``local-ref``
+    parameterisation (identity = rest pose; the root entry is ignored: global orientation is a
+    separate quantity in this project), shape (B, 6) phenotypes in [0, 1] (0.5 = average).
+    """
+
+    name = "anny"
+    shape_dim = len(PHENOTYPES)
+
+    def __init__(self, cache_dir: Path, topology: str = "anny", regressors: dict[str, np.ndarray] | None = None):
+        super().__init__()
+        self.topology = topology
+        self.model = build_anny(cache_dir, topology).to(torch.float32)
+        self.bone_labels: list[str] = list(self.model.bone_labels)
+        self.n_bones = len(self.bone_labels)
+        raw_faces = self.model.get_triangular_faces().cpu().numpy().astype(np.int64)
+        n_raw = int(self.model.template_vertices.shape[0])
+        keep = largest_component(n_raw, raw_faces)
+        remap = -np.ones(n_raw, dtype=np.int64)
+        remap[keep] = np.arange(keep.size)
+        faces = remap[raw_faces]
+        faces = faces[(faces >= 0).all(1)]
+        self.register_buffer("keep", torch.from_numpy(keep), persistent=False)
+        self.register_buffer("faces", torch.from_numpy(faces), persistent=False)
+        self.register_buffer("to_shared", ANNY_TO_SHARED.to(torch.float32), persistent=False)
+        rest = self._raw_forward(self.rest_pose(1), torch.full((1, self.shape_dim), 0.5))
+        self.register_buffer("template", rest["vertices"][0], persistent=False)
+        self.register_buffer("vertex_flip", torch.from_numpy(mirror_vertices(self.template.numpy())), persistent=False)
+        n = self.n_vertices
+        reg = regressors or {"regressor24": np.full((24, n), 1.0 / n), "regressor17": np.full((17, n), 1.0 / n)}
+        self.set_regressors(reg["regressor24"], reg["regressor17"])
+
+    def set_regressors(self, regressor24: np.ndarray, regressor17: np.ndarray) -> None:
+        self.register_buffer("regressor24", torch.as_tensor(regressor24, dtype=torch.float32), persistent=False)
+        self.register_buffer("regressor17", torch.as_tensor(regressor17, dtype=torch.float32), persistent=False)
+
+    def rest_pose(self, batch: int) -> torch.Tensor:
+        """(B, 104, 3, 3) identity rotations: anny's rest pose (arms in a wide A)."""
+        return torch.eye(3).expand(batch, self.n_bones, 3, 3).clone()
+
+    def _raw_forward(self, pose: torch.Tensor, shape: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pose anny and return vertices (B, V, 3) and bone heads (B, 104, 3) in the shared frame."""
+        batch = pose.shape[0]
+        if pose.shape[-2:] == (3, 3):
+            transforms = torch.eye(4, dtype=torch.float32, device=pose.device).repeat(batch, self.n_bones, 1, 1)
+            transforms[..., :3, :3] = pose
+        else:
+            transforms = pose.to(torch.float32)
+        transforms[:, 0] = torch.eye(4, dtype=transforms.dtype, device=transforms.device)
+        out = self.model(pose_parameters=transforms, phenotype_kwargs=shape.to(torch.float32))
+        verts = out["vertices"][:, self.keep] @ self.to_shared.T
+        heads = out["bone_poses"][..., :3, 3] @ self.to_shared.T
+        return {"vertices": verts, "bone_heads": heads}
+
+    def pose_with_bones(self, pose: torch.Tensor, shape: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Vertices and bone heads: what the regressor fit and the pose-library tests need."""
+        return self._raw_forward(pose, shape)
+
+    def forward(self, pose: torch.Tensor, shape: torch.Tensor | None = None) -> BodyOutput:
+        if shape is None:
+            shape = torch.full((pose.shape[0], self.shape_dim), 0.5, device=pose.device)
+        verts = self._raw_forward(pose, shape)["vertices"]
+        return BodyOutput(vertices=verts, joints=self.joints24(verts))
+
+
+def mirror_vertices(vertices: np.ndarray) -> np.ndarray:
+    """Index of each vertex's left/right twin: nearest vertex to its x-mirrored position."""
+    from scipy.spatial import cKDTree
+
+    mirrored = vertices * np.array([-1.0, 1.0, 1.0])
+    _, idx = cKDTree(vertices).query(mirrored)
+    return idx.astype(np.int64)
