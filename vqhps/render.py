@@ -90,7 +90,9 @@ class MeshRenderer:
                                                           roughnessFactor=0.7)
         scene = pyrender.Scene(bg_color=(0, 0, 0, 0), ambient_light=(ambient,) * 3)
         scene.add(pyrender.Mesh.from_trimesh(mesh, material=material, smooth=smooth))
-        cam = pyrender.IntrinsicsCamera(fx=K[0, 0], fy=K[1, 1], cx=K[0, 2], cy=K[1, 2], znear=0.05, zfar=100.0)
+        # pyrender puts pixel centres at half-integers, OpenCV at integers: shift the principal point
+        cam = pyrender.IntrinsicsCamera(fx=K[0, 0], fy=K[1, 1], cx=K[0, 2] + 0.5, cy=K[1, 2] + 0.5,
+                                        znear=0.05, zfar=100.0)
         scene.add(cam, pose=_CV_TO_GL)
         scene.add(pyrender.DirectionalLight(color=np.ones(3), intensity=light_intensity),
                   pose=_light_pose(light_dir))

@@ -100,7 +100,7 @@ def fit_regressor(vertices: np.ndarray, joints: np.ndarray, rest: np.ndarray, n_
     """Non-negative least squares per joint over its ``n_candidates`` nearest rest vertices.
 
     vertices (N, V, 3), joints (N, J, 3), rest (V, 3) -> (J, V) with rows summing to ~1 (an extra
-    heavily weighted equation), so the regressor commutes with translations.
+    heavily weighted equation, then exact normalisation), so the regressor commutes with translations.
     """
     n, v, _ = vertices.shape
     out = np.zeros((joints.shape[1], v))
@@ -112,7 +112,7 @@ def fit_regressor(vertices: np.ndarray, joints: np.ndarray, rest: np.ndarray, n_
         a = np.vstack([a, np.full((1, cand.size), sum_weight)])
         b = np.append(b, sum_weight)
         w, _ = nnls(a, b, maxiter=50 * cand.size)
-        out[j, cand] = w
+        out[j, cand] = w / w.sum()  # exactly affine: regressed joints move with the mesh
     return out
 
 

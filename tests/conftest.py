@@ -1,0 +1,37 @@
+"""Shared fixtures: the smoke profile with a throw-away data/results folder and the anny body model
+(its cache and regressors live in the project cache and are built once)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("PYOPENGL_PLATFORM", "")
+if not os.environ["PYOPENGL_PLATFORM"]:
+    del os.environ["PYOPENGL_PLATFORM"]
+
+
+@pytest.fixture(scope="session")
+def smoke_cfg():
+    from vqhps.config import load_config
+
+    return load_config("smoke")
+
+
+@pytest.fixture(scope="session")
+def body(smoke_cfg):
+    from vqhps.body import load_body
+
+    return load_body(smoke_cfg)
+
+
+@pytest.fixture()
+def tiny_cfg(tmp_path):
+    """Smoke profile shrunk to a few images, writing under tmp_path."""
+    from vqhps.config import load_config
+
+    cfg = load_config("smoke")
+    cfg.paths.data = tmp_path / "data"
+    cfg.paths.results = tmp_path / "results"
+    cfg.data.n_train, cfg.data.n_val, cfg.data.n_test, cfg.data.shard_size = 8, 4, 6, 4
+    return cfg

@@ -1,0 +1,40 @@
+"""The mesh corpus (AMASS analogue) for Mesh-VQ-VAE pre-training: canonical meshes (zero global
+orientation, centred on the vertex mean) of library poses on random adult phenotypes.
+
+Meshes are generated on the fly from (seed, part, index): the training stream is endless and
+reproducible, and the held-out test part is a fixed set that never overlaps it (different seeds).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+PARTS = {"train": 0, "test": 1}
+
+
+def corpus_parameters(part: str, index: int, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pose (B,104,3,3) and phenotype (B,6) of corpus batch ``index`` of ``part``."""
+    from vqhps.data.poses import PoseSampler
+
+    key = [seed, PARTS[part], index]
+    rng = np.random.default_rng(key + [17])
+    shape = rng.uniform(0.0, 1.0, (batch, 6)).astype(np.float32)
+    shape[:, 1] = rng.uniform(0.4, 1.0, batch)
+    pose_seed = int(np.random.default_rng(key).integers(2**31))
+    pose, _ = PoseSampler(seed=pose_seed).sample(batch)
+    return np.asarray(pose, dtype=np.float32), shape
+
+
+def corpus_batch(body, part: str, index: int, batch: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Canonical meshes (B, V, 3) of corpus batch ``index`` of ``part``."""
+    pose, shape = corpus_parameters(part, index, batch, seed)
+    with torch.no_grad():
+        verts = body(torch.as_tensor(pose, device=device), torch.as_tensor(shape, device=device)).vertices
+    return verts - verts.mean(1, keepdim=True)
+
+
+def corpus_test_set(body, n: int, seed: int, batch: int = 100, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The fixed held-out test part: ``n`` canonical meshes."""
+    chunks = [corpus_batch(body, "test", i, min(batch, n - i * batch), seed, device)
+              for i in range((n + batch - 1) // batch)]
+    return torch.cat(chunks)

@@ -1,0 +1,145 @@
+"""Figures and tables the notebooks show: each function returns a matplotlib Figure or a DataFrame,
+and ``save_figure`` writes PNGs under results/<profile>/figures/."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .body.base import H36M17_NAMES, SMPL24_NAMES  # noqa: E402
+
+#: SMPL-24 kinematic tree (parent of each joint) for drawing skeletons
+SMPL24_PARENTS = (-1, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 12, 13, 14, 16, 17, 18, 19, 20, 21)
+
+
+def save_figure(fig, results_dir: Path, name: str, dpi: int = 110) -> Path:
+    """Write ``fig`` to results_dir/figures/name.png and return the path."""
+    path = Path(results_dir) / "figures" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def save_table(df: pd.DataFrame, results_dir: Path, name: str) -> Path:
+    """Write ``df`` to results_dir/tables/name.csv (and a markdown copy) and return the CSV path."""
+    path = Path(results_dir) / "tables" / f"{name}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=True)
+    path.with_suffix(".md").write_text(df.to_markdown() if _has_tabulate() else df.to_string())
+    return path
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def image_grid(images: list[np.ndarray], titles: list[str] | None = None, cols: int = 6, size: float = 2.0):
+    """A grid of RGB images with optional titles."""
+    rows = (len(images) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, img in enumerate(images):
+        ax = axes.ravel()[i]
+        ax.imshow(img)
+        if titles:
+            ax.set_title(titles[i], fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def draw_skeleton(ax, joints2d: np.ndarray, color: str = "lime") -> None:
+    """Draw the SMPL-24 skeleton (crop pixels) on an axis."""
+    for j, p in enumerate(SMPL24_PARENTS):
+        if p >= 0:
+            ax.plot(joints2d[[j, p], 0], joints2d[[j, p], 1], "-", color=color, lw=1.0)
+    ax.scatter(joints2d[:, 0], joints2d[:, 1], s=4, c="red", zorder=3)
+
+
+def sample_grid(arrays: dict[str, np.ndarray], indices: list[int], cols: int = 6, size: float = 2.0):
+    """Benchmark crops with their 24 2D joints drawn, titled with light and validity."""
+    from vqhps.data.synthetic import LIGHT_NAMES
+
+    rows = (len(indices) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for k, i in enumerate(indices):
+        ax = axes.ravel()[k]
+        ax.imshow(arrays["image"][i])
+        draw_skeleton(ax, arrays["joints2d_24"][i])
+        ax.set_title(f"{LIGHT_NAMES[int(arrays['light'][i])]}{'' if arrays['valid'][i] else ' (not valid)'}", fontsize=7)
+        s = arrays["image"].shape[1]
+        ax.set_xlim(-0.5, s - 0.5)
+        ax.set_ylim(s - 0.5, -0.5)
+    fig.tight_layout()
+    return fig
+
+
+def benchmark_histograms(splits: dict[str, dict[str, np.ndarray]]):
+    """Distributions of yaw, phenotypes, focal length and lighting per split."""
+    from vqhps.body.anny_body import PHENOTYPES
+    from vqhps.data.synthetic import LIGHT_NAMES
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for split, a in splits.items():
+        axes[0, 0].hist(a["yaw"], bins=36, range=(-180, 180), alpha=0.5, density=True, label=split)
+        axes[0, 1].hist(a["K"][:, 0, 0], bins=30, alpha=0.5, density=True, label=split)
+        axes[0, 2].bar(np.arange(3) + 0.25 * list(splits).index(split),
+                       np.bincount(a["light"].astype(int), minlength=3) / len(a["light"]), width=0.25, label=split)
+        axes[1, 0].hist(a["occlusion"][a["occlusion"] > 0], bins=20, range=(0, 1), alpha=0.5, label=split)
+        for p in range(a["shape"].shape[1]):
+            axes[1, 1 + p // 3].hist(a["shape"][:, p], bins=20, range=(0, 1), alpha=0.35,
+                                     histtype="step", label=f"{split}:{PHENOTYPES[p]}")
+    axes[0, 0].set_title("root yaw (deg)")
+    axes[0, 1].set_title("focal length (px)")
+    axes[0, 2].set_title("lighting")
+    axes[0, 2].set_xticks(np.arange(3) + 0.25, LIGHT_NAMES)
+    axes[1, 0].set_title("occluded fraction (occluded images)")
+    axes[1, 1].set_title("phenotypes 1-3")
+    axes[1, 2].set_title("phenotypes 4-6")
+    for ax in axes.ravel():
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def data_summary(splits: dict[str, dict[str, np.ndarray]]) -> pd.DataFrame:
+    """One row per split: images, subjects, backgrounds, valid / dim / harsh / truncated / occluded share."""
+    rows = {}
+    for split, a in splits.items():
+        rows[split] = {
+            "images": len(a["image"]), "subjects": len(np.unique(a["subject"])),
+            "backgrounds": len(np.unique(a["background"])), "valid_%": 100 * a["valid"].mean(),
+            "dim_light_%": 100 * (a["light"] == 1).mean(), "harsh_light_%": 100 * (a["light"] == 2).mean(),
+            "truncated_%": 100 * (~a["in_frame"]).mean(), "occluded_%": 100 * (a["occlusion"] > 0).mean(),
+        }
+    return pd.DataFrame(rows).T.round(1)
+
+
+def regressor_error_table(errors24: np.ndarray, errors17: np.ndarray) -> pd.DataFrame:
+    """Per-joint regressor error (mm) as a tidy table."""
+    return pd.concat([
+        pd.DataFrame({"set": "SMPL-24", "joint": SMPL24_NAMES, "error_mm": errors24}),
+        pd.DataFrame({"set": "H36M-17", "joint": H36M17_NAMES, "error_mm": errors17}),
+    ], ignore_index=True)
+
+
+def regressor_error_figure(table: pd.DataFrame):
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.5))
+    for ax, (name, df) in zip(axes, table.groupby("set", sort=False)):
+        ax.bar(df["joint"], df["error_mm"])
+        ax.set_title(f"{name} regressor: mean error {df['error_mm'].mean():.2f} mm (held-out poses)")
+        ax.set_ylabel("mm")
+        ax.tick_params(axis="x", rotation=90, labelsize=7)
+    fig.tight_layout()
+    return fig
