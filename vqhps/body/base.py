@@ -45,7 +45,8 @@ class BodyOutput:
 
 
 class BodyModel(torch.nn.Module):
-    """Base class of body models. Subclasses fill the buffers in ``__init__`` and implement ``_pose``.
+    """Base class of body models. Subclasses fill the buffers in ``__init__`` and implement
+    ``forward(pose, shape) -> BodyOutput``.
 
     Buffers: ``template`` (V, 3) rest vertices of the mean shape, ``faces`` (F, 3),
     ``regressor24`` (24, V) and ``regressor17`` (17, V) linear joint regressors (rows sum to 1),
