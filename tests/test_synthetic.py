@@ -31,11 +31,11 @@ def test_canonical_mesh_rotated_and_translated_is_the_camera_mesh(built, body):
     """verts_cam = R canonical + t to 1e-5 m, and that mesh is what the image shows."""
     a = load_split(built, "train")
     pose, shape = torch.as_tensor(a["pose"]), torch.as_tensor(a["shape"])
-    posed = body(pose, shape).vertices.numpy()  # not centred, not rotated
-    canon = canonical_targets(body, pose, shape).numpy()
+    posed = body(pose, shape).vertices.double().numpy()  # not centred, not rotated
+    canon = canonical_targets(body, pose, shape).double().numpy()
     for i in range(len(canon)):
-        verts_cam = canon[i] @ a["root_rot"][i].T + a["trans"][i]
-        direct = (posed[i] - posed[i].mean(0)) @ a["root_rot"][i].T + a["trans"][i]
+        verts_cam = canon[i] @ a["root_rot"][i].T.astype(np.float64) + a["trans"][i]
+        direct = (posed[i] - posed[i].mean(0)) @ a["root_rot"][i].T.astype(np.float64) + a["trans"][i]
         assert np.abs(verts_cam - direct).max() < 1e-5
         assert np.abs(verts_cam.mean(0) - a["trans"][i]).max() < 1e-5
         # the projected mesh fills the label's box as the crop shows it

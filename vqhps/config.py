@@ -191,7 +191,6 @@ def smoke() -> Config:
     """Every notebook on a 2-core CPU in minutes: coarse mesh, tiny data, 64-pixel crops, few steps."""
     return Config(
         profile="smoke",
-        body=BodyConfig(regressor_fit_samples=600),
         data=DataConfig(
             corpus_train=2_000, corpus_test=200, n_train=320, n_val=32, n_test=96,
             render_size=128, crop_size=64, shard_size=128, num_workers=0,

@@ -143,3 +143,14 @@ def regressor_error_figure(table: pd.DataFrame):
         ax.tick_params(axis="x", rotation=90, labelsize=7)
     fig.tight_layout()
     return fig
+
+
+def render_meshes(vertices: list[np.ndarray] | np.ndarray, faces: np.ndarray, size: int = 256,
+                  vertex_colors: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Front views of canonical meshes (y up, facing +z) on white: one RGB image each."""
+    from vqhps.render import MeshRenderer, render_canonical
+
+    with MeshRenderer(size) as renderer:
+        return [render_canonical(renderer, np.asarray(v), faces,
+                                 None if vertex_colors is None else vertex_colors[i])
+                for i, v in enumerate(vertices)]

@@ -1,11 +1,12 @@
 """Training losses of VQ-HPS (paper Sec. 4.3 and the Table 2 "3D loss" ablation).
 
-2D joint convention: ``joints2d`` are in normalised crop coordinates, ``x_n = 2 u / W - 1`` and
-``y_n = 2 v / H - 1`` for a pixel position (u, v) of a W x H crop, so (-1, -1) is the crop's top-left
-corner and (1, 1) its bottom-right; joints outside the crop lie outside [-1, 1]. The 3D joints
-must be expressed in camera-aligned axes (x to the image right, y to the image bottom, as produced
-by applying the ground-truth root rotation to the canonical mesh), so that the weak-perspective
-camera ``s * X[..., :2] + t`` lands on those coordinates.
+2D joint convention: ``joints2d`` are in normalised crop coordinates: (-1, -1) is the outer
+top-left corner of the crop and (1, 1) its outer bottom-right corner, i.e. ``x_n = (u + 0.5) * 2 / W - 1``
+for a pixel-centre coordinate u of a W-wide crop (``vqhps.data.datasets.pixels_to_unit``); joints
+outside the crop lie outside [-1, 1]. The 3D joints are in camera-aligned axes (x to the image right,
+y to the image bottom: the canonical joints rotated by the root rotation), so the weak-perspective
+camera ``s * X[..., :2] + t`` lands on those coordinates; s is about 2 f / (W Z) and t is where the
+mesh's vertex mean projects.
 """
 from __future__ import annotations
 

@@ -21,6 +21,16 @@ from .base import BodyModel, BodyOutput
 ANNY_TO_SHARED = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]], dtype=torch.float64)
 
 PHENOTYPES = ("gender", "age", "muscle", "weight", "height", "proportions")
+#: ranges the project samples phenotypes from: adults, and heights where anny's knee and spine bones
+#: stay tied to the skin (toward the extremes of "height" they slide along it by up to 3 cm, which
+#: no sparse non-negative vertex regressor can follow)
+PHENOTYPE_RANGES = ((0.0, 1.0), (0.4, 1.0), (0.0, 1.0), (0.0, 1.0), (0.35, 0.65), (0.0, 1.0))
+
+
+def sample_phenotypes(rng: np.random.Generator, n: int) -> np.ndarray:
+    """(n, 6) float32 phenotypes drawn uniformly from PHENOTYPE_RANGES."""
+    lo, hi = np.array(PHENOTYPE_RANGES, dtype=np.float64).T
+    return (lo + (hi - lo) * rng.uniform(0.0, 1.0, (n, len(PHENOTYPES)))).astype(np.float32)
 
 
 def _import_anny(cache_dir: Path):

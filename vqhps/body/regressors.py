@@ -21,6 +21,9 @@ from tqdm.auto import tqdm
 
 from .base import H36M17_NAMES, SMPL24_NAMES
 
+#: bump when the fitting procedure changes, so cached regressors are refitted
+FIT_VERSION = 3
+
 #: joint -> ((anny bone, weight), ...): the joint is that weighted mean of bone heads
 SMPL24_TARGETS: dict[str, tuple[tuple[str, float], ...]] = {
     "pelvis": (("upperleg01.L", 0.5), ("upperleg01.R", 0.5)),
@@ -95,16 +98,16 @@ def joint_targets(vertices: torch.Tensor, bone_heads: torch.Tensor, bone_labels:
     return j24, j17
 
 
-def fit_regressor(vertices: np.ndarray, joints: np.ndarray, rest: np.ndarray, n_candidates: int = 96,
-                  sum_weight: float = 10.0) -> np.ndarray:
+def fit_regressor(vertices: np.ndarray, joints: np.ndarray, rest: np.ndarray, rest_joints: np.ndarray,
+                  n_candidates: int = 400, sum_weight: float = 10.0) -> np.ndarray:
     """Non-negative least squares per joint over its ``n_candidates`` nearest rest vertices.
 
-    vertices (N, V, 3), joints (N, J, 3), rest (V, 3) -> (J, V) with rows summing to ~1 (an extra
+    vertices (N, V, 3), joints (N, J, 3), rest (V, 3) and rest_joints (J, 3) of the rest pose ->
+    (J, V) with rows summing to ~1 (an extra
     heavily weighted equation, then exact normalisation), so the regressor commutes with translations.
     """
     n, v, _ = vertices.shape
     out = np.zeros((joints.shape[1], v))
-    rest_joints = joints.mean(0)
     for j in range(joints.shape[1]):
         cand = np.argsort(np.linalg.norm(rest - rest_joints[j], axis=1))[:n_candidates]
         a = vertices[:, cand, :].transpose(0, 2, 1).reshape(n * 3, cand.size)
@@ -122,12 +125,14 @@ def posed_samples(body, n: int, seed: int, sampler: Callable | None = None, batc
         from vqhps.data.poses import PoseSampler
 
         sampler = PoseSampler(seed).sample
-    gen = torch.Generator().manual_seed(seed)
+    from .anny_body import sample_phenotypes
+
+    rng = np.random.default_rng([seed, 1])
     verts, j24, j17 = [], [], []
     for start in tqdm(range(0, n, batch), desc="posing samples", leave=False):
         b = min(batch, n - start)
         pose, _ = sampler(b)
-        shape = torch.rand(b, body.shape_dim, generator=gen)
+        shape = torch.as_tensor(sample_phenotypes(rng, b))
         with torch.no_grad():
             out = body.pose_with_bones(torch.as_tensor(pose), shape)
         t24, t17 = joint_targets(out["vertices"], out["bone_heads"], body.bone_labels, body.template.numpy())
@@ -146,15 +151,19 @@ def regressor_error_mm(regressor: np.ndarray, vertices: np.ndarray, joints: np.n
 def load_or_fit_regressors(body, cache_dir: Path, n_samples: int = 2000, seed: int = 1234,
                            sampler: Callable | None = None) -> dict[str, np.ndarray]:
     """Regressors for ``body`` from the cache, fitting and caching them (atomically) when absent."""
-    key = hashlib.sha1(json.dumps([body.identifier(), n_samples, seed, SMPL24_TARGETS, H36M17_TARGETS],
+    key = hashlib.sha1(json.dumps([FIT_VERSION, body.identifier(), n_samples, seed, SMPL24_TARGETS, H36M17_TARGETS],
                                   sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"regressors-{key}.npz"
     if path.exists():
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
     verts, j24, j17 = posed_samples(body, n_samples, seed, sampler)
-    rest = body.template.double().numpy()
-    result = {"regressor24": fit_regressor(verts, j24, rest), "regressor17": fit_regressor(verts, j17, rest)}
+    with torch.no_grad():
+        rest_out = body.pose_with_bones(body.rest_pose(1), torch.full((1, body.shape_dim), 0.5))
+    rest = rest_out["vertices"][0].double().numpy()
+    r24, r17 = joint_targets(rest_out["vertices"], rest_out["bone_heads"], body.bone_labels, body.template.numpy())
+    result = {"regressor24": fit_regressor(verts, j24, rest, r24[0].double().numpy()),
+              "regressor17": fit_regressor(verts, j17, rest, r17[0].double().numpy())}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
     try:

@@ -16,10 +16,10 @@ def corpus_parameters(part: str, index: int, batch: int, seed: int) -> tuple[np.
     """Pose (B,104,3,3) and phenotype (B,6) of corpus batch ``index`` of ``part``."""
     from vqhps.data.poses import PoseSampler
 
+    from vqhps.body.anny_body import sample_phenotypes
+
     key = [seed, PARTS[part], index]
-    rng = np.random.default_rng(key + [17])
-    shape = rng.uniform(0.0, 1.0, (batch, 6)).astype(np.float32)
-    shape[:, 1] = rng.uniform(0.4, 1.0, batch)
+    shape = sample_phenotypes(np.random.default_rng(key + [17]), batch)
     pose_seed = int(np.random.default_rng(key).integers(2**31))
     pose, _ = PoseSampler(seed=pose_seed).sample(batch)
     return np.asarray(pose, dtype=np.float32), shape

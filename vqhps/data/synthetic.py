@@ -70,13 +70,13 @@ def make_spec(cfg, split: str, body_id: str) -> BenchmarkSpec:
 
 # ----------------------------------------------------------------------------------------------- subjects
 def subject_pool(split: str, n_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Subject ids and their phenotypes (adults; 6 values in [0, 1]) for a split: about 50 images each."""
+    """Subject ids and their phenotypes (the body model's adult ranges) for a split: ~50 images each."""
+    from vqhps.body.anny_body import sample_phenotypes
+
     n_subjects = max(4, n_images // 50)
-    rng = np.random.default_rng([seed, SPLIT_ID[split], 7919])
-    pheno = rng.uniform(0.0, 1.0, (n_subjects, 6))
-    pheno[:, 1] = rng.uniform(0.4, 1.0, n_subjects)  # age: adults
+    pheno = sample_phenotypes(np.random.default_rng([seed, SPLIT_ID[split], 7919]), n_subjects)
     ids = SUBJECT_OFFSET * SPLIT_ID[split] + np.arange(n_subjects)
-    return ids, pheno.astype(np.float32)
+    return ids, pheno
 
 
 # ----------------------------------------------------------------------------------------------- geometry

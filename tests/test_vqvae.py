@@ -1,0 +1,186 @@
+"""Mesh-VQ-VAE: EMA codebook arithmetic, straight-through gradients, the public encode/decode API,
+usage statistics, dead-code restarts and a short training run that must reduce the loss."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import trimesh
+
+from vqhps.config import VQVAEConfig
+from vqhps.mesh.hierarchy import build_hierarchy
+from vqhps.vqvae import EMAQuantizer, MeshVQVAE
+
+SMALL = dict(channels=(16, 32, 64))
+
+
+@pytest.fixture(scope="module")
+def sphere():
+    s = trimesh.creation.icosphere(subdivisions=3)
+    h = build_hierarchy(s.vertices, s.faces, level_sizes=(200, 100, 54))
+    return torch.tensor(s.vertices, dtype=torch.float32), h
+
+
+def _model(sphere, **cfg) -> MeshVQVAE:
+    template, h = sphere
+    return MeshVQVAE(template, h, VQVAEConfig(**{**SMALL, **cfg}), body_id="test-sphere")
+
+
+def _deformed(template: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Spheres with random anisotropic scaling and smooth sinusoidal bumps, centred."""
+    scale = 0.7 + 0.6 * torch.rand(n, 1, 3, generator=gen)
+    freq = torch.randint(1, 3, (n, 1, 3), generator=gen).float()
+    amp = 0.15 * torch.rand(n, 1, 3, generator=gen)
+    phase = 2 * math.pi * torch.rand(n, 1, 3, generator=gen)
+    x = template * scale + amp * torch.sin(freq * math.pi * template.roll(1, dims=1) + phase)
+    return x - x.mean(dim=1, keepdim=True)
+
+
+# --------------------------------------------------------------------------- quantiser
+def test_ema_update_matches_hand_computation():
+    decay, eps = 0.9, 1e-5
+    q = EMAQuantizer(codebook_size=2, dim=2, decay=decay, commitment=0.25, dead_code_threshold=0.0, eps=eps)
+    codes = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    q.set_codebook(codes)
+    z = torch.tensor([[0.1, 0.0], [0.0, -0.1], [0.9, 1.2]])
+    out = q.train()(z)
+
+    assert out.ids.tolist() == [0, 0, 1]
+    torch.testing.assert_close(out.zq, codes[[0, 0, 1]])  # quantised with the codes before the update
+    commit = 0.25 * ((z - codes[[0, 0, 1]]) ** 2).mean()
+    torch.testing.assert_close(out.loss, commit)
+
+    # by hand: counts (2, 1), sums ((0.1, -0.1), (0.9, 1.2)); EMAs start from size 1 and sum = code
+    size = [decay * 1 + (1 - decay) * 2, decay * 1 + (1 - decay) * 1]  # 1.1, 1.0
+    total = size[0] + size[1]
+    summed = [[decay * 0.0 + (1 - decay) * 0.1, decay * 0.0 + (1 - decay) * -0.1],
+              [decay * 1.0 + (1 - decay) * 0.9, decay * 1.0 + (1 - decay) * 1.2]]
+    smooth = [(s + eps) / (total + 2 * eps) * total for s in size]
+    expected = torch.tensor([[summed[i][j] / smooth[i] for j in range(2)] for i in range(2)])
+    torch.testing.assert_close(q.cluster_size, torch.tensor(size))
+    torch.testing.assert_close(q.embed_sum, torch.tensor(summed))
+    torch.testing.assert_close(q.embed, expected)
+
+
+def test_eval_mode_never_updates_codebook():
+    q = EMAQuantizer(codebook_size=4, dim=3).eval()
+    before = q.embed.clone()
+    q(torch.randn(10, 3))
+    assert torch.equal(q.embed, before) and not bool(q.initialised)
+
+
+def test_perplexity_and_usage_statistics():
+    q = EMAQuantizer(codebook_size=4, dim=2, dead_code_threshold=0.0)
+    codes = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0], [5.0, 5.0]])
+    q.set_codebook(codes)
+    one = q.eval()(torch.zeros(8, 2))
+    assert one.perplexity.item() == pytest.approx(1.0)
+    assert one.counts.tolist() == [8, 0, 0, 0]
+    spread = q(codes.repeat(3, 1))
+    assert spread.perplexity.item() == pytest.approx(4.0, rel=1e-5)
+    assert q.usage().sum().item() == pytest.approx(1.0)
+    q.train()(torch.zeros(64, 2))  # everything on code 0: EMA usage shifts there
+    usage = q.usage()
+    assert usage[0] > usage[1:].max() and 1.0 <= q.codebook_perplexity().item() < 4.0
+
+
+def test_dead_codes_restart_on_current_inputs_deterministically():
+    def run(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        q = EMAQuantizer(codebook_size=8, dim=3, decay=0.5, dead_code_threshold=0.05).train()
+        q.set_codebook(torch.cat([torch.zeros(1, 3), 100.0 + torch.arange(21.0).reshape(7, 3)]))
+        z = 0.1 * torch.randn(64, 3)
+        restarted = sum(q(z).n_restarted for _ in range(5))
+        assert restarted >= 7
+        # restarted codes now sit on inputs, far from where they were
+        dist = torch.cdist(q.embed, z).min(dim=1).values
+        assert dist.max() < 0.5
+        return q.embed.clone()
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.equal(run(0), run(1))
+
+
+def test_first_training_batch_initialises_codebook():
+    torch.manual_seed(0)
+    q = EMAQuantizer(codebook_size=16, dim=3).train()
+    z = torch.randn(40, 3) + 7.0
+    q(z)
+    assert bool(q.initialised)
+    assert torch.cdist(q.embed, z).min(dim=1).values.max() < 1.0
+
+
+# --------------------------------------------------------------------------- model
+def test_public_api_shapes(sphere):
+    torch.manual_seed(0)
+    model = _model(sphere).eval()
+    template, h = sphere
+    verts = _deformed(template, 3, torch.Generator().manual_seed(0))
+    ids = model.encode(verts)
+    assert ids.shape == (3, 54) and ids.dtype == torch.long
+    assert 0 <= int(ids.min()) and int(ids.max()) < 512
+    assert model.encode_latent(verts).shape == (3, 54, 9)
+    assert model.decode(ids).shape == (3, len(template), 3)
+    assert model.codebook.shape == (512, 9)
+    assert model.n_tokens == 54 and model.codebook_size == 512
+    out = model(verts)
+    assert set(out) >= {"recon", "ids", "loss", "recon_loss", "vq_loss", "perplexity"}
+    assert torch.equal(out["ids"], ids)
+    torch.testing.assert_close(out["recon"], model.decode(ids))
+    meta = model.checkpoint_meta()
+    assert meta["body_id"] == "test-sphere" and meta["hierarchy_hash"] == h.hash
+    assert meta["config"]["codebook_size"] == 512
+
+
+def test_decode_latent_is_differentiable(sphere):
+    model = _model(sphere)
+    zq = model.codebook[torch.zeros(2, 54, dtype=torch.long)].clone().requires_grad_()
+    model.decode_latent(zq).sum().backward()
+    assert zq.grad is not None and zq.grad.abs().sum() > 0
+
+
+def test_straight_through_gradient_reaches_encoder(sphere):
+    torch.manual_seed(0)
+    model = _model(sphere).train()
+    verts = _deformed(sphere[0], 4, torch.Generator().manual_seed(1))
+    out = model(verts)
+    out["recon_loss"].backward()  # no commitment term: only the straight-through path links encoder
+    for name, p in model.encoder.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_recon_loss_is_mean_vertex_distance(sphere):
+    model = _model(sphere).eval()
+    verts = _deformed(sphere[0], 2, torch.Generator().manual_seed(2))
+    out = model(verts)
+    expected = (out["recon"] - verts).pow(2).sum(-1).sqrt().mean()
+    torch.testing.assert_close(out["recon_loss"], expected)
+    torch.testing.assert_close(out["loss"], out["recon_loss"] + out["vq_loss"])
+
+
+def test_template_mismatch_is_refused(sphere):
+    template, h = sphere
+    with pytest.raises(ValueError, match="vertices"):
+        MeshVQVAE(template[:-1], h, VQVAEConfig(**SMALL))
+    with pytest.raises(ValueError, match="channels"):
+        MeshVQVAE(template, h, VQVAEConfig(channels=(16, 32)))
+
+
+def test_training_reduces_loss(sphere):
+    torch.manual_seed(0)
+    model = _model(sphere, ema_decay=0.9).train()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses, perplexities = [], []
+    for _ in range(100):
+        out = model(_deformed(sphere[0], 16, gen))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+        perplexities.append(out["perplexity"].item())
+    initial, final = losses[0], sum(losses[-10:]) / 10
+    assert final < 0.5 * initial, f"loss {initial:.4f} -> {final:.4f}"
+    # tokens keep using many codes (16 meshes x 54 tokens per batch)
+    assert 20 < perplexities[-1] <= 16 * 54

@@ -1,0 +1,98 @@
+"""Checkpoints written atomically and checked against what the caller expects.
+
+``save_checkpoint`` writes to a temporary file in the target's folder, flushes and fsyncs it, then
+renames it over the target: a crash or kill mid-write leaves the previous checkpoint untouched.
+``load_checkpoint`` compares ``payload["meta"]`` with ``expect`` (e.g. body_id, hierarchy_hash) so a
+Mesh-VQ-VAE trained on another body model or hierarchy is refused with a one-line explanation.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_MISSING = "<missing>"
+_FIXES = {
+    "body_id": "retrain the Mesh-VQ-VAE for this body model or pass the matching checkpoint",
+    "hierarchy_hash": "retrain the Mesh-VQ-VAE for this template/hierarchy or pass the matching checkpoint",
+}
+_DEFAULT_FIX = "retrain with the expected setting or pass the matching checkpoint"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file exists but cannot be read (truncated, corrupt, not a checkpoint)."""
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint's metadata disagrees with what the caller expects."""
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` with ``torch.save`` atomically; returns the path. On any failure the
+    temporary file is removed and an existing checkpoint at ``path`` stays as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, expect: dict[str, Any] | None = None,
+                    map_location: str | torch.device = "cpu", weights_only: bool = False) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    ``expect`` maps metadata fields to required values; any difference from ``payload["meta"]``
+    raises :class:`CheckpointMismatch`. A missing file raises ``FileNotFoundError``, an unreadable
+    one :class:`CheckpointError`, both naming the path. ``weights_only=False`` (default) because the
+    project's checkpoints hold optimiser and RNG state; only load files you trust.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as err:  # noqa: BLE001 - every reader failure means the same thing to the user
+        raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); delete it and rerun the step "
+                              f"that writes it") from err
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(payload).__name__}, not a dict payload")
+    if expect:
+        check_meta(payload.get("meta", {}), expect, path)
+    return payload
+
+
+def check_meta(meta: dict[str, Any], expect: dict[str, Any], path: str | os.PathLike = "<checkpoint>") -> None:
+    """Raise :class:`CheckpointMismatch` on the first field of ``expect`` that ``meta`` does not match."""
+    for field, wanted in expect.items():
+        found = meta.get(field, _MISSING) if isinstance(meta, dict) else _MISSING
+        if found != wanted:
+            fix = _FIXES.get(field, _DEFAULT_FIX)
+            raise CheckpointMismatch(f"checkpoint {path}: {field} is {found!r} but {wanted!r} was expected; {fix}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable where the OS allows opening folders."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,145 @@
+"""Spatially varying mesh convolution (Zhou et al. 2020, "Fully convolutional mesh autoencoder using
+efficient spatially varying kernels") and the pooling / unpooling layers built on it.
+
+Each layer has a basis of ``n_basis`` weight matrices shared by all vertices and, for every output
+vertex and each of its (padded) neighbours, ``n_basis`` mixing coefficients:
+
+    y[b, v] = bias + sum_k sum_m coeff[v, k, m] * x[b, nbr[v, k]] @ basis[m]
+
+computed as z[b, v, c, m] = sum_k coeff[v, k, m] x[b, nbr[v, k], c] (one gather + one batched
+product) followed by a single matmul of z (B*N, C_in*m) with the stacked basis (C_in*m, C_out); no loop
+over vertices. Every layer
+mixes its output with a fixed residual path: ``conv(x) * sqrt(1 - r) + residual(x) * sqrt(r)``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vqhps.mesh.hierarchy import MeshHierarchy
+
+
+class VaryingConv(nn.Module):
+    """Spatially varying convolution over a padded neighbourhood graph, with residual mixing.
+
+    ``index`` (N_out, K) long: input vertices read by each output vertex; ``mask`` (N_out, K) bool:
+    which entries are real (padding contributes nothing). ``weight`` (N_out, K): fixed averaging
+    weights of the residual path; ``None`` means the residual is the input itself (same vertex set).
+    A linear channel map (no bias) is added to the residual when ``in_channels != out_channels``.
+    """
+
+    def __init__(self, index: Tensor, mask: Tensor, in_channels: int, out_channels: int,
+                 weight: Tensor | None = None, n_basis: int = 9, residual_rate: float = 0.5,
+                 activation: bool = True) -> None:
+        super().__init__()
+        if index.shape != mask.shape or index.ndim != 2:
+            raise ValueError(f"index {tuple(index.shape)} and mask {tuple(mask.shape)} must be equal (N, K)")
+        if not 0.0 <= residual_rate <= 1.0:
+            raise ValueError(f"residual_rate must lie in [0, 1], got {residual_rate}")
+        mask = mask.bool()
+        n_out, k = index.shape
+        self.in_channels, self.out_channels, self.n_basis = in_channels, out_channels, n_basis
+        self.residual_rate = float(residual_rate)
+        self.activation = activation
+        self.register_buffer("index", torch.where(mask, index.long(), 0), persistent=False)
+        self.register_buffer("mask", mask.float(), persistent=False)
+        if weight is None:
+            self.register_buffer("res_weight", None, persistent=False)
+        else:
+            self.register_buffer("res_weight", weight.float() * mask.float(), persistent=False)
+
+        avg_neighbours = float(mask.sum(dim=1).float().mean().clamp(min=1.0))
+        self.coeff = nn.Parameter(torch.randn(n_out, k, n_basis) / (avg_neighbours * n_basis))
+        # coefficients are ~1/(K m): this basis scale keeps the output variance near the input's
+        std = math.sqrt(avg_neighbours * n_basis / in_channels)
+        self.basis = nn.Parameter(torch.randn(n_basis, in_channels, out_channels) * std)
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.channel_map = (nn.Linear(in_channels, out_channels, bias=False)
+                            if in_channels != out_channels and residual_rate > 0 else None)
+
+    @property
+    def n_out(self) -> int:
+        return int(self.index.shape[0])
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, N_in, C_in) -> (B, N_out, C_out). Works vertex-major inside: the output is a transposed
+        view of a contiguous (N_out, B, C_out) tensor, which the next layer reads without a copy."""
+        b, n_in, c_in = x.shape
+        n_out, k = self.index.shape
+        m = self.n_basis
+        flat = x.transpose(0, 1).reshape(n_in, b * c_in)
+        gathered = flat.index_select(0, self.index.reshape(-1)).view(n_out, k, b * c_in)
+        coeff = self.coeff * self.mask.unsqueeze(-1)  # (N_out, K, m)
+        z = torch.bmm(gathered.transpose(1, 2), coeff.to(gathered.dtype))  # (N_out, B * C_in, m)
+        basis = self.basis.transpose(0, 1).reshape(c_in * m, self.out_channels)  # rows ordered (c, m)
+        out = (z.reshape(n_out * b, c_in * m) @ basis.to(z.dtype)).view(n_out, b, -1)
+        out = out + self.bias.to(out.dtype)
+        if self.residual_rate > 0:
+            out = (out * math.sqrt(1.0 - self.residual_rate)
+                   + self._residual(x, gathered) * math.sqrt(self.residual_rate))
+        if self.activation:
+            out = F.elu(out)
+        return out.transpose(0, 1)
+
+    def _residual(self, x: Tensor, gathered: Tensor) -> Tensor:
+        """Fixed path, vertex-major (N_out, B, C_out): the input itself or its weighted average."""
+        if self.res_weight is None:
+            res = x.transpose(0, 1)
+        else:
+            n_out, _, bc = gathered.shape
+            w = self.res_weight.unsqueeze(1).to(gathered.dtype)
+            res = torch.bmm(w, gathered).view(n_out, x.shape[0], x.shape[2])
+        if self.channel_map is not None:
+            res = self.channel_map(res)
+        return res
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels} -> {self.out_channels}, n_out={self.n_out}, K={self.index.shape[1]}, "
+                f"n_basis={self.n_basis}, residual_rate={self.residual_rate}, activation={self.activation}")
+
+
+class MeshConv(VaryingConv):
+    """Convolution within one level: output vertices = input vertices, residual = the input."""
+
+    def __init__(self, index: Tensor, mask: Tensor, in_channels: int, out_channels: int, n_basis: int = 9,
+                 residual_rate: float = 0.5, activation: bool = True) -> None:
+        super().__init__(index, mask, in_channels, out_channels, None, n_basis, residual_rate, activation)
+
+    @classmethod
+    def at_level(cls, hierarchy: MeshHierarchy, level: int, in_channels: int, out_channels: int,
+                 **kwargs) -> "MeshConv":
+        index, mask = hierarchy.conv_graph(level)
+        return cls(index, mask, in_channels, out_channels, **kwargs)
+
+
+class MeshPool(VaryingConv):
+    """Down-sampling ``level -> level + 1``: each coarse vertex convolves its pool neighbourhood;
+    residual = the fixed weighted average of that neighbourhood."""
+
+    def __init__(self, index: Tensor, mask: Tensor, weight: Tensor, in_channels: int, out_channels: int,
+                 n_basis: int = 9, residual_rate: float = 0.5, activation: bool = True) -> None:
+        super().__init__(index, mask, in_channels, out_channels, weight, n_basis, residual_rate, activation)
+
+    @classmethod
+    def between(cls, hierarchy: MeshHierarchy, level: int, in_channels: int, out_channels: int,
+                **kwargs) -> "MeshPool":
+        index, mask, weight = hierarchy.pool_graph(level)
+        return cls(index, mask, weight, in_channels, out_channels, **kwargs)
+
+
+class MeshUnpool(VaryingConv):
+    """Up-sampling ``level + 1 -> level``: each fine vertex convolves its nearest coarse vertices;
+    residual = their fixed weighted average (interpolation)."""
+
+    def __init__(self, index: Tensor, mask: Tensor, weight: Tensor, in_channels: int, out_channels: int,
+                 n_basis: int = 9, residual_rate: float = 0.5, activation: bool = True) -> None:
+        super().__init__(index, mask, in_channels, out_channels, weight, n_basis, residual_rate, activation)
+
+    @classmethod
+    def between(cls, hierarchy: MeshHierarchy, level: int, in_channels: int, out_channels: int,
+                **kwargs) -> "MeshUnpool":
+        index, mask, weight = hierarchy.unpool_graph(level)
+        return cls(index, mask, weight, in_channels, out_channels, **kwargs)

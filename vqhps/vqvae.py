@@ -1,0 +1,288 @@
+"""Mesh-VQ-VAE (paper Sec. 4.1): a fully convolutional mesh autoencoder whose latent (N=54 vectors of
+d=9 at the bottom level of the mesh hierarchy) is quantised with an EMA codebook of S=512 entries.
+
+Inputs are canonical meshes (B, V, 3) in metres, centred on their vertex mean. Internally the network
+sees ``(verts - template) / scale`` (template centred on its mean, ``scale`` its RMS radius), so the
+layers work on unit-size offsets whatever the body model; reconstructions and losses are in metres.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vqhps.config import VQVAEConfig
+from vqhps.mesh.conv import MeshConv, MeshPool, MeshUnpool
+from vqhps.mesh.hierarchy import MeshHierarchy
+
+
+# ------------------------------------------------------------------------- quantiser
+@dataclass
+class Quantized:
+    """Output of :class:`EMAQuantizer`: straight-through codes, ids, commitment loss, batch stats."""
+
+    zq: Tensor
+    ids: Tensor
+    loss: Tensor
+    perplexity: Tensor
+    counts: Tensor
+    n_restarted: int
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class EMAQuantizer(nn.Module):
+    """Vector quantiser with an exponential-moving-average codebook (van den Oord et al. 2017).
+
+    Training-mode forwards update the codebook: ``cluster_size`` and ``embed_sum`` follow EMAs of the
+    assignment counts and sums, ``embed = embed_sum / laplace(cluster_size)``. Codes whose EMA usage
+    fraction ``cluster_size / sum(cluster_size)`` falls below ``dead_code_threshold`` are restarted on
+    random current inputs (torch's RNG). The codebook starts from random inputs of the first training
+    batch unless :meth:`set_codebook` was called. Only the commitment loss reaches the encoder.
+    """
+
+    def __init__(self, codebook_size: int = 512, dim: int = 9, decay: float = 0.99, commitment: float = 0.25,
+                 dead_code_threshold: float = 1e-3, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.codebook_size, self.dim = codebook_size, dim
+        self.decay, self.commitment = decay, commitment
+        self.dead_code_threshold, self.eps = dead_code_threshold, eps
+        embed = torch.randn(codebook_size, dim)
+        self.register_buffer("embed", embed)
+        self.register_buffer("embed_sum", embed.clone())
+        self.register_buffer("cluster_size", torch.ones(codebook_size))
+        self.register_buffer("initialised", torch.tensor(False))
+
+    # ------------------------------------------------------------ codebook state
+    @torch.no_grad()
+    def set_codebook(self, embed: Tensor) -> None:
+        """Set the codes (K, D) and reset the EMA state to one assignment per code."""
+        self.embed.copy_(embed)
+        self.embed_sum.copy_(embed)
+        self.cluster_size.fill_(1.0)
+        self.initialised.fill_(True)
+
+    def usage(self) -> Tensor:
+        """EMA usage fraction of every code (K,), summing to 1."""
+        return self.cluster_size / self.cluster_size.sum().clamp(min=1e-12)
+
+    def codebook_perplexity(self) -> Tensor:
+        """exp(entropy) of the EMA usage: the effective number of codes in use."""
+        return _perplexity(self.usage())
+
+    # ------------------------------------------------------------ quantisation
+    def nearest(self, z: Tensor) -> Tensor:
+        """Index of the nearest code of every vector ``z`` (..., D) (ties: lowest index)."""
+        flat = z.detach().float().reshape(-1, self.dim)
+        e = self.embed.float()
+        d = flat.square().sum(1, keepdim=True) - 2.0 * flat @ e.t() + e.square().sum(1)
+        return d.argmin(dim=1).reshape(z.shape[:-1])
+
+    def forward(self, z: Tensor) -> Quantized:
+        """Quantise ``z`` (..., D); in training mode also update the codebook."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            flat = z.float().reshape(-1, self.dim)
+            if self.training and not bool(self.initialised):
+                self._init_from(flat.detach())
+            ids = self.nearest(flat)
+            zq = F.embedding(ids, self.embed).detach()
+            counts = torch.bincount(ids, minlength=self.codebook_size).float()
+            n_restarted = 0
+            if self.training:
+                self._ema_update(flat.detach(), ids)
+                n_restarted = self._restart_dead(flat.detach())
+            loss = self.commitment * F.mse_loss(flat, zq)
+            perplexity = _perplexity(counts / counts.sum().clamp(min=1.0))
+        zq = zq.reshape(z.shape).to(z.dtype)
+        zq_st = z + (zq - z).detach()
+        return Quantized(zq=zq_st, ids=ids.reshape(z.shape[:-1]), loss=loss, perplexity=perplexity,
+                         counts=counts, n_restarted=n_restarted)
+
+    @torch.no_grad()
+    def _ema_update(self, flat: Tensor, ids: Tensor) -> None:
+        counts = torch.bincount(ids, minlength=self.codebook_size).float()
+        sums = torch.zeros_like(self.embed_sum).index_add_(0, ids, flat)
+        if _distributed():
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
+        total = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (total + self.codebook_size * self.eps) * total
+        self.embed.copy_(self.embed_sum / smoothed.unsqueeze(1))
+
+    @torch.no_grad()
+    def _restart_dead(self, flat: Tensor) -> int:
+        dead = self.usage() < self.dead_code_threshold
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return 0
+        fresh = flat[_sample_rows(len(flat), n_dead, flat.device)]
+        mean_size = self.cluster_size.sum() / self.codebook_size
+        self.embed[dead] = fresh
+        self.cluster_size[dead] = mean_size
+        self.embed_sum[dead] = fresh * mean_size
+        self._broadcast()
+        return n_dead
+
+    @torch.no_grad()
+    def _init_from(self, flat: Tensor) -> None:
+        self.set_codebook(flat[_sample_rows(len(flat), self.codebook_size, flat.device)])
+        self._broadcast()
+
+    def _broadcast(self) -> None:
+        """Rank 0's codebook everywhere (restarts draw different samples on every rank)."""
+        if _distributed():
+            for buf in (self.embed, self.embed_sum, self.cluster_size):
+                dist.broadcast(buf, src=0)
+
+
+def _sample_rows(n: int, k: int, device: torch.device) -> Tensor:
+    """``k`` row indices out of ``n``: without replacement when possible."""
+    if n >= k:
+        return torch.randperm(n)[:k].to(device)
+    return torch.randint(0, n, (k,)).to(device)
+
+
+def _perplexity(p: Tensor) -> Tensor:
+    return torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())
+
+
+# ------------------------------------------------------------------------- encoder / decoder
+class MeshEncoder(nn.Module):
+    """3 -> channels[0] conv on the full mesh, then one pool per level down to ``latent_dim`` at the
+    bottom vertices; ELU after every layer, the latent included."""
+
+    def __init__(self, hierarchy: MeshHierarchy, channels: tuple[int, ...], latent_dim: int, n_basis: int,
+                 residual_rate: float) -> None:
+        super().__init__()
+        widths = list(channels) + [latent_dim]
+        kw = dict(n_basis=n_basis, residual_rate=residual_rate)
+        self.layers = nn.ModuleList([MeshConv.at_level(hierarchy, 0, 3, widths[0], **kw)])
+        for level in range(hierarchy.n_levels):
+            self.layers.append(MeshPool.between(hierarchy, level, widths[level], widths[level + 1], **kw))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class MeshDecoder(nn.Module):
+    """Mirror of :class:`MeshEncoder`: one unpool per level up to the full mesh, then a conv to 3
+    channels without activation."""
+
+    def __init__(self, hierarchy: MeshHierarchy, channels: tuple[int, ...], latent_dim: int, n_basis: int,
+                 residual_rate: float) -> None:
+        super().__init__()
+        widths = list(channels) + [latent_dim]
+        kw = dict(n_basis=n_basis, residual_rate=residual_rate)
+        self.layers = nn.ModuleList([
+            MeshUnpool.between(hierarchy, level, widths[level + 1], widths[level], **kw)
+            for level in reversed(range(hierarchy.n_levels))
+        ])
+        self.layers.append(MeshConv.at_level(hierarchy, 0, widths[0], 3, activation=False, **kw))
+
+    def forward(self, z: Tensor) -> Tensor:
+        for layer in self.layers:
+            z = layer(z)
+        return z
+
+
+# ------------------------------------------------------------------------- the model
+class MeshVQVAE(nn.Module):
+    """Mesh-VQ-VAE on one template mesh and its hierarchy.
+
+    ``forward(verts)`` -> dict(recon (B, V, 3), ids (B, N) long, loss, recon_loss (mean per-vertex
+    Euclidean distance, metres), vq_loss (commitment), perplexity (of this batch's code usage)).
+    """
+
+    def __init__(self, template: Tensor, hierarchy: MeshHierarchy, cfg: VQVAEConfig | None = None,
+                 body_id: str = "unknown") -> None:
+        super().__init__()
+        cfg = cfg if cfg is not None else VQVAEConfig()
+        template = torch.as_tensor(template, dtype=torch.float32)
+        if template.ndim != 2 or template.shape[1] != 3 or template.shape[0] != hierarchy.sizes[0]:
+            raise ValueError(f"template {tuple(template.shape)} does not match the hierarchy's "
+                             f"{hierarchy.sizes[0]} vertices")
+        if len(cfg.channels) != hierarchy.n_levels:
+            raise ValueError(f"cfg.channels {cfg.channels} needs one width per hierarchy level below the "
+                             f"mesh; the hierarchy has {hierarchy.n_levels} ({hierarchy.sizes})")
+        self.cfg, self.body_id, self.hierarchy_hash = cfg, body_id, hierarchy.hash
+        centred = template - template.mean(dim=0)
+        self.register_buffer("template", centred)
+        self.register_buffer("scale", centred.square().sum(1).mean().sqrt().clamp(min=1e-8))
+        args = (hierarchy, tuple(cfg.channels), cfg.latent_dim, cfg.n_basis, cfg.residual_rate)
+        self.encoder = MeshEncoder(*args)
+        self.decoder = MeshDecoder(*args)
+        self.quantizer = EMAQuantizer(cfg.codebook_size, cfg.latent_dim, cfg.ema_decay, cfg.commitment,
+                                      cfg.dead_code_threshold)
+        self._n_tokens = hierarchy.sizes[-1]
+
+    # ------------------------------------------------------------ properties
+    @property
+    def codebook(self) -> Tensor:
+        """The codes (S, d)."""
+        return self.quantizer.embed
+
+    @property
+    def n_tokens(self) -> int:
+        return self._n_tokens
+
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer.codebook_size
+
+    @property
+    def n_vertices(self) -> int:
+        return int(self.template.shape[0])
+
+    # ------------------------------------------------------------ encode / decode
+    def encode_latent(self, verts: Tensor) -> Tensor:
+        """Canonical meshes (B, V, 3) -> continuous latent (B, N, d), before quantisation."""
+        x = (verts.to(self.template.dtype) - self.template) / self.scale
+        return self.encoder(x)
+
+    @torch.no_grad()
+    def encode(self, verts: Tensor) -> Tensor:
+        """Canonical meshes (B, V, 3) -> token ids (B, N) long (never updates the codebook)."""
+        return self.quantizer.nearest(self.encode_latent(verts))
+
+    def decode_latent(self, zq: Tensor) -> Tensor:
+        """Latent vectors (B, N, d) -> meshes (B, V, 3); differentiable (soft decoding)."""
+        out = self.decoder(zq)
+        return self.template + self.scale * out.to(self.template.dtype)
+
+    def decode(self, ids: Tensor) -> Tensor:
+        """Token ids (B, N) -> meshes (B, V, 3)."""
+        return self.decode_latent(F.embedding(ids.long(), self.codebook))
+
+    def forward(self, verts: Tensor) -> dict[str, Tensor]:
+        z = self.encode_latent(verts)
+        q = self.quantizer(z)
+        recon = self.decode_latent(q.zq)
+        recon_loss = torch.linalg.vector_norm(recon.float() - verts.float(), dim=-1).mean()
+        return {"recon": recon, "ids": q.ids, "loss": recon_loss + q.loss, "recon_loss": recon_loss,
+                "vq_loss": q.loss, "perplexity": q.perplexity,
+                "n_restarted": torch.tensor(q.n_restarted, device=recon.device)}
+
+    # ------------------------------------------------------------ bookkeeping
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What a checkpoint of this model must match: config, hierarchy hash, body id."""
+        return {"kind": "mesh_vqvae", "config": asdict(self.cfg), "hierarchy_hash": self.hierarchy_hash,
+                "body_id": self.body_id, "n_vertices": self.n_vertices, "n_tokens": self.n_tokens,
+                "codebook_size": self.codebook_size}
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+__all__ = ["EMAQuantizer", "MeshDecoder", "MeshEncoder", "MeshVQVAE", "Quantized", "count_parameters"]
