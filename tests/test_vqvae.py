@@ -22,6 +22,15 @@ def sphere():
     return torch.tensor(s.vertices, dtype=torch.float32), h
 
 
+@pytest.fixture()
+def one_thread():
+    """Tiny tensors: one thread is as fast and does not stall when other processes share the CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model(sphere, **cfg) -> MeshVQVAE:
     template, h = sphere
     return MeshVQVAE(template, h, VQVAEConfig(**{**SMALL, **cfg}), body_id="test-sphere")
@@ -167,7 +176,7 @@ def test_template_mismatch_is_refused(sphere):
         MeshVQVAE(template, h, VQVAEConfig(channels=(16, 32)))
 
 
-def test_training_reduces_loss(sphere):
+def test_training_reduces_loss(sphere, one_thread):
     torch.manual_seed(0)
     model = _model(sphere, ema_decay=0.9).train()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .backgrounds import background
 from .sample import crop_affine, project_points, square_bbox
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS = ("train", "val", "test")
 SPLIT_ID = {"train": 0, "val": 1, "test": 2}
 #: subject ids of split s are SUBJECT_OFFSET * SPLIT_ID[s] + k: disjoint by construction
@@ -95,13 +95,15 @@ def rotation_z(deg: float) -> np.ndarray:
     return np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
 
 
-def sample_view(canonical: np.ndarray, size: int, rng: np.random.Generator, truncate: bool):
+def sample_view(canonical: np.ndarray, size: int, rng: np.random.Generator, truncate: bool, pitch: float = 0.0):
     """Root rotation, translation and intrinsics placing a canonical mesh in a random full frame.
 
-    Yaw covers the full circle (so 180-degree flips appear), with small body tilt and a random camera
-    elevation; the body fills 50-85% of the frame height unless ``truncate`` pushes it past an edge."""
+    Yaw covers the full circle (so 180-degree flips appear), with the pose's own forward trunk
+    ``pitch`` (bending poses), small body tilt and a random camera elevation; the body fills 45-75%
+    of the frame height unless ``truncate`` pushes it past an edge."""
     yaw = rng.uniform(-180.0, 180.0)
-    body_tilt = rotation_x(np.clip(rng.normal(0, 8), -20, 20)) @ rotation_z(np.clip(rng.normal(0, 5), -15, 15))
+    body_tilt = (rotation_x(np.clip(rng.normal(0, 8), -20, 20)) @ rotation_z(np.clip(rng.normal(0, 5), -15, 15))
+                 @ rotation_x(pitch))
     # camera frame <- body frame, body facing the camera: y up -> y down, z toward camera -> -z
     facing = np.diag([1.0, -1.0, -1.0])
     elevation = rotation_x(-rng.uniform(-10.0, 30.0))
@@ -111,8 +113,8 @@ def sample_view(canonical: np.ndarray, size: int, rng: np.random.Generator, trun
     K = np.array([[f, 0, (size - 1) / 2], [0, f, (size - 1) / 2], [0, 0, 1.0]])
     rotated = canonical @ root_rot.T
     extent = max(float(np.ptp(rotated[:, 1])), float(np.ptp(rotated[:, 0])), 0.3)
-    dist = f * extent / (rng.uniform(0.5, 0.85) * size)
-    centre = rng.uniform(-0.1, 0.1, 2) * size
+    dist = f * extent / (rng.uniform(0.45, 0.75) * size)
+    centre = rng.uniform(-0.06, 0.06, 2) * size
     if truncate:
         side = rng.integers(4)
         shift = rng.uniform(0.2, 0.45) * extent * f / dist
@@ -211,7 +213,7 @@ class ShardRenderer:
         rng = np.random.default_rng([spec.seed, SPLIT_ID[spec.split], shard, 1])
         ids, pheno = subject_pool(spec.split, spec.n, spec.seed)
         who = rng.integers(len(ids), size=n)
-        pose, _ = PoseSampler(seed=int(spec.seed * 1000 + SPLIT_ID[spec.split] * 100_000 + shard)).sample(n)
+        pose, info = PoseSampler(seed=int(spec.seed * 1000 + SPLIT_ID[spec.split] * 100_000 + shard)).sample(n)
         pose = np.asarray(pose, dtype=np.float32)
         shape = pheno[who]
         canonical = self.pose_meshes(pose, shape)
@@ -219,20 +221,20 @@ class ShardRenderer:
         j17 = np.einsum("jv,nvc->njc", self.body.regressor17.numpy(), canonical)
         out = {k: [] for k in SHARD_KEYS}
         for i in tqdm(range(n), desc=f"{spec.split} shard {shard}", leave=False, disable=not progress):
-            sample = self.render_one(spec, canonical[i], j24[i], j17[i], rng)
+            sample = self.render_one(spec, canonical[i], j24[i], j17[i], rng, float(info["root_pitch"][i]))
             sample.update(pose=pose[i], shape=shape[i], subject=ids[who[i]])
             for k in SHARD_KEYS:
                 out[k].append(sample[k])
         return {k: np.stack(v) for k, v in out.items()}
 
     def render_one(self, spec: BenchmarkSpec, canonical: np.ndarray, j24: np.ndarray, j17: np.ndarray,
-                   rng: np.random.Generator) -> dict[str, np.ndarray]:
+                   rng: np.random.Generator, pitch: float = 0.0) -> dict[str, np.ndarray]:
         """One labelled crop of a canonical mesh (plus its two joint sets) in a random scene."""
         from vqhps.render import composite
 
         size, crop = spec.render_size, spec.crop_size
         truncate = rng.random() < spec.truncation_prob
-        root_rot, trans, K, yaw = sample_view(canonical, size, rng, truncate)
+        root_rot, trans, K, yaw = sample_view(canonical, size, rng, truncate, pitch)
         verts_cam = canonical @ root_rot.T + trans
         proj = project_points(verts_cam, K)
         bbox = square_bbox(proj, 1.2)
