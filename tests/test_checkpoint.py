@@ -117,6 +117,15 @@ def test_mismatch_names_file_field_values_and_fix(tmp_path):
         load_checkpoint(path, expect={"profile": "full"})
 
 
+def test_nested_config_difference_is_named(tmp_path):
+    path = save_checkpoint(tmp_path / "vqvae.pt", _payload(1) | {"meta": {"config": {"lr": 1e-3, "channels": (8, 16)}}})
+    load_checkpoint(path, expect={"config": {"lr": 1e-3, "channels": [8, 16]}})  # JSON lists match tuples
+    with pytest.raises(CheckpointMismatch, match=r"config\.channels is \(8, 16\) but \[8, 32\]"):
+        load_checkpoint(path, expect={"config": {"lr": 1e-3, "channels": [8, 32]}})
+    with pytest.raises(CheckpointMismatch, match=r"config\.channels"):
+        load_checkpoint(path, expect={"config": {"lr": 1e-3}})
+
+
 def test_missing_file_names_path(tmp_path):
     path = tmp_path / "nowhere.pt"
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):

@@ -140,6 +140,8 @@ def test_public_api_shapes(sphere):
     meta = model.checkpoint_meta()
     assert meta["body_id"] == "test-sphere" and meta["hierarchy_hash"] == h.hash
     assert meta["config"]["codebook_size"] == 512
+    assert meta["architecture"] == {"channels": (16, 32, 64), "latent_dim": 9, "codebook_size": 512,
+                                    "n_basis": 9, "residual_rate": 0.5}
 
 
 def test_decode_latent_is_differentiable(sphere):
@@ -193,3 +195,22 @@ def test_training_reduces_loss(sphere, one_thread):
     assert final < 0.5 * initial, f"loss {initial:.4f} -> {final:.4f}"
     # tokens keep using many codes (16 meshes x 54 tokens per batch)
     assert 20 < perplexities[-1] <= 16 * 54
+
+
+def test_checkpoint_round_trip_and_body_check(sphere, tmp_path):
+    from vqhps.checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = _model(sphere).train()
+    verts = _deformed(sphere[0], 4, torch.Generator().manual_seed(3))
+    model(verts)  # one training forward: data-initialised codebook, EMA state
+    path = save_checkpoint(tmp_path / "vqvae.pt", {"model": model.state_dict(), "meta": model.checkpoint_meta()})
+
+    fresh = _model(sphere)
+    state = load_checkpoint(path, expect=fresh.checkpoint_meta())
+    fresh.load_state_dict(state["model"])
+    model.eval(), fresh.eval()
+    assert torch.equal(fresh.encode(verts), model.encode(verts))
+    torch.testing.assert_close(fresh.decode(model.encode(verts)), model.decode(model.encode(verts)))
+    with pytest.raises(CheckpointMismatch, match="body_id"):
+        load_checkpoint(path, expect={"body_id": "another-body"})

@@ -76,12 +76,36 @@ def load_checkpoint(path: str | os.PathLike, expect: dict[str, Any] | None = Non
 
 
 def check_meta(meta: dict[str, Any], expect: dict[str, Any], path: str | os.PathLike = "<checkpoint>") -> None:
-    """Raise :class:`CheckpointMismatch` on the first field of ``expect`` that ``meta`` does not match."""
-    for field, wanted in expect.items():
-        found = meta.get(field, _MISSING) if isinstance(meta, dict) else _MISSING
-        if found != wanted:
-            fix = _FIXES.get(field, _DEFAULT_FIX)
-            raise CheckpointMismatch(f"checkpoint {path}: {field} is {found!r} but {wanted!r} was expected; {fix}")
+    """Raise :class:`CheckpointMismatch` on the first field of ``expect`` that ``meta`` does not match
+    (nested dicts are compared key by key, so the message names e.g. ``config.codebook_size``)."""
+    diff = _first_difference(meta if isinstance(meta, dict) else {}, expect)
+    if diff is not None:
+        field, found, wanted = diff
+        fix = _FIXES.get(field.split(".")[0], _DEFAULT_FIX)
+        raise CheckpointMismatch(f"checkpoint {path}: {field} is {found!r} but {wanted!r} was expected; {fix}")
+
+
+def _first_difference(found: dict[str, Any], wanted: dict[str, Any],
+                      prefix: str = "") -> tuple[str, Any, Any] | None:
+    for key, value in wanted.items():
+        have = found.get(key, _MISSING)
+        if isinstance(value, dict) and isinstance(have, dict):
+            inner = _first_difference(have, value, f"{prefix}{key}.")
+            if inner is not None:
+                return inner
+            extra = sorted(set(have) - set(value))
+            if extra:
+                return f"{prefix}{key}.{extra[0]}", have[extra[0]], _MISSING
+        elif not _same(have, value):
+            return f"{prefix}{key}", have, value
+    return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that lets a tuple match the list it becomes after a trip through JSON."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(a == b)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -195,7 +195,8 @@ def smoke() -> Config:
             corpus_train=2_000, corpus_test=200, n_train=320, n_val=32, n_test=96,
             render_size=128, crop_size=64, shard_size=128, num_workers=0,
         ),
-        vqvae=VQVAEConfig(batch_size=32, lr=2e-3, pretrain_steps=300, finetune_steps=100, finetune_lr=5e-4),
+        vqvae=VQVAEConfig(channels=(16, 32, 64), batch_size=8, lr=2e-3, pretrain_steps=120, finetune_steps=40,
+                          finetune_lr=5e-4),
         vqhps=VQHPSConfig(d_model=128, n_heads=4, mlp_hidden=256, batch_size=16, epochs=3, lr_step_epochs=2, lr=3e-4),
         runtime=RuntimeConfig(device="cpu", amp=False, compile=False, channels_last=False, log_every=10, ckpt_every=100),
     )

@@ -154,3 +154,59 @@ def render_meshes(vertices: list[np.ndarray] | np.ndarray, faces: np.ndarray, si
         return [render_canonical(renderer, np.asarray(v), faces,
                                  None if vertex_colors is None else vertex_colors[i])
                 for i, v in enumerate(vertices)]
+
+
+def vqvae_curves(curves: pd.DataFrame):
+    """Reconstruction error and codebook perplexity against step, one line per stage."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+    for stage, df in curves.groupby("stage", sort=False):
+        axes[0].plot(df["step"], df["recon_mm"], label=stage)
+        axes[1].plot(df["step"], df["perplexity"], label=stage)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("mean per-vertex error (mm)")
+    axes[1].set_ylabel("batch codebook perplexity")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def reconstruction_heatmaps(meshes: np.ndarray, recons: np.ndarray, per_vertex: np.ndarray, picks: list[int],
+                            faces: np.ndarray, titles: list[str], size: int = 256):
+    """Ground truth beside the reconstruction coloured by per-vertex error (mm), for a few meshes."""
+    from vqhps.render import error_colors
+
+    vmax = float(np.percentile(per_vertex[picks], 99))
+    images, labels = [], []
+    for title, i in zip(titles, picks):
+        gt, rc = render_meshes([meshes[i], recons[i]], faces, size,
+                               vertex_colors=[None, error_colors(per_vertex[i], vmax)])
+        images += [gt, rc]
+        labels += [f"{title}: ground truth", f"PVE {per_vertex[i].mean():.1f} mm"]
+    fig = image_grid(images, labels, cols=len(images), size=2.6)
+    sm = plt.cm.ScalarMappable(cmap="inferno", norm=plt.Normalize(0, vmax))
+    fig.colorbar(sm, ax=fig.axes, fraction=0.015, label="error (mm)")
+    return fig
+
+
+def code_usage_figure(counts: np.ndarray, perplexity: float):
+    fig, ax = plt.subplots(figsize=(10, 3))
+    order = np.argsort(counts)[::-1]
+    ax.bar(np.arange(len(counts)), counts[order], width=1.0)
+    ax.set_xlabel("code (sorted by use)")
+    ax.set_ylabel("uses on the test set")
+    ax.set_title(f"{(counts > 0).sum()} / {len(counts)} codes used, perplexity {perplexity:.1f}")
+    fig.tight_layout()
+    return fig
+
+
+def token_region_figure(template: np.ndarray, faces: np.ndarray, regions: np.ndarray, size: int = 320):
+    """The template coloured by the token that controls each vertex (front and back)."""
+    palette = (plt.cm.tab20(np.arange(20))[:, :3] * 255).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    colors = palette[rng.permutation(int(regions.max()) + 1) % 20]
+    rgba = np.concatenate([colors[regions], np.full((len(regions), 1), 255, np.uint8)], 1)
+    back = template * np.array([-1.0, 1.0, -1.0])
+    images = render_meshes([template, back], faces, size, vertex_colors=[rgba, rgba])
+    return image_grid(images, ["front", "back"], cols=2, size=4)

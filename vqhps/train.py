@@ -85,7 +85,7 @@ def train(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, expect={k: v for k, v in meta.items() if k in ("body_id", "hierarchy_hash")})
+        state = load_checkpoint(ckpt_path, expect={k: v for k, v in meta.items() if k in ("body_id", "hierarchy_hash", "architecture")})
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:

@@ -20,6 +20,10 @@ from vqhps.mesh.conv import MeshConv, MeshPool, MeshUnpool
 from vqhps.mesh.hierarchy import MeshHierarchy
 
 
+#: config fields that define the weights (the rest only says how they were trained)
+ARCHITECTURE_FIELDS = ("channels", "latent_dim", "codebook_size", "n_basis", "residual_rate")
+
+
 # ------------------------------------------------------------------------- quantiser
 @dataclass
 class Quantized:
@@ -274,10 +278,13 @@ class MeshVQVAE(nn.Module):
 
     # ------------------------------------------------------------ bookkeeping
     def checkpoint_meta(self) -> dict[str, Any]:
-        """What a checkpoint of this model must match: config, hierarchy hash, body id."""
-        return {"kind": "mesh_vqvae", "config": asdict(self.cfg), "hierarchy_hash": self.hierarchy_hash,
-                "body_id": self.body_id, "n_vertices": self.n_vertices, "n_tokens": self.n_tokens,
-                "codebook_size": self.codebook_size}
+        """What a checkpoint of this model records: body id, hierarchy hash, the whole config and,
+        separately, the fields that fix the weights' shapes and meaning (``architecture``: expect
+        this rather than ``config`` to accept checkpoints trained with other lr/steps/batch sizes)."""
+        config = asdict(self.cfg)
+        return {"kind": "mesh_vqvae", "body_id": self.body_id, "hierarchy_hash": self.hierarchy_hash,
+                "architecture": {k: config[k] for k in ARCHITECTURE_FIELDS}, "config": config,
+                "n_vertices": self.n_vertices, "n_tokens": self.n_tokens, "codebook_size": self.codebook_size}
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,10 +1,11 @@
 """Pooling hierarchy of a template mesh: nested farthest-point samples and the conv / pool / unpool
 graphs between them, computed from any mesh, deterministic, cached by content hash.
 
-Level 0 is the full mesh; level ``l + 1`` is the first ``n_{l+1}`` vertices of level ``l`` (nested
-farthest-point sampling, so every coarse level is a prefix of the finer one). Distances are graph
-geodesics along the mesh edges (edge length weighted) inside a connected component; a component
-without any sample of a level is attached to that level through Euclidean distances.
+Level 0 is the full mesh; level ``l + 1`` is a farthest-point sample of level ``l``'s vertices, so the
+levels are nested. Distances run along the mesh edges, each weighing ``length**a``: ``a`` rises from
+``FINE_EXPONENT`` at the first coarse level (close to hop counts, following the mesh's own vertex
+density) to 1 at the bottom (geodesic: tokens spread evenly over the surface). A component holding no
+sample of a level is attached to it through (rescaled) Euclidean distances.
 """
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ class MeshHierarchy:
     unpool_index: list[np.ndarray]
     unpool_mask: list[np.ndarray]
     unpool_weight: list[np.ndarray]
-    #: FPS covering radius of each level (0 for the full mesh) and pooling radius of each step
+    #: covering radius of each level and pooling radius of each step, in the edge metric that sampled
+    #: the coarser level (0 for the full mesh)
     cover_radius: np.ndarray
     pool_radius: np.ndarray
     hash: str
@@ -192,7 +194,8 @@ def build_hierarchy(vertices: np.ndarray | torch.Tensor, faces: np.ndarray | tor
     settings = {"version": HIERARCHY_VERSION, "level_sizes": list(sizes), "bottom_size": bottom_size,
                 "pool_neighbours": pool_neighbours, "max_neighbours": max_neighbours,
                 "unpool_neighbours": UNPOOL_NEIGHBOURS, "conv_radius_factor": CONV_RADIUS_FACTOR,
-                "min_conv_neighbours": MIN_CONV_NEIGHBOURS, "metric_exponents": list(metric_exponents(len(sizes)))}
+                "min_conv_neighbours": MIN_CONV_NEIGHBOURS,
+                "metric_exponents": list(metric_exponents(len(sizes)))}
     digest = hierarchy_hash(verts, tris, settings)
 
     cache_path = Path(cache_dir) / f"hierarchy_{digest}.npz" if cache_dir is not None else None

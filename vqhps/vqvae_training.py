@@ -1,0 +1,151 @@
+"""Mesh-VQ-VAE stages: build the model for a body, pre-train on the mesh corpus (AMASS analogue),
+fine-tune on the benchmark's training meshes (3DPW analogue), reload, and measure reconstruction."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .checkpoint import load_checkpoint
+from .data.corpus import corpus_batch
+from .data.datasets import canonical_targets
+from .mesh.hierarchy import build_hierarchy
+from .metrics import joints_from_centred
+from .train import TrainResult, device_of, step_indices, rank_slice, train
+from .vqvae import MeshVQVAE
+
+STAGES = ("pretrain", "finetune")
+
+
+def checkpoint_dir(cfg) -> Path:
+    return cfg.results_dir / "checkpoints"
+
+
+def build_mesh_vqvae(cfg, body) -> MeshVQVAE:
+    """A fresh Mesh-VQ-VAE on the body's template, with the (cached) pooling hierarchy."""
+    h = cfg.hierarchy
+    hierarchy = build_hierarchy(body.template.cpu().numpy(), body.faces.cpu().numpy(), h.level_sizes,
+                                h.bottom_size, h.pool_neighbours, h.max_neighbours,
+                                cache_dir=cfg.paths.cache / "hierarchy")
+    return MeshVQVAE(body.template.cpu(), hierarchy, cfg.vqvae, body_id=body.identifier())
+
+
+def compatibility(model: MeshVQVAE) -> dict:
+    """What a checkpoint must share with the model to be loaded (not the training schedule)."""
+    meta = model.checkpoint_meta()
+    return {k: meta[k] for k in ("body_id", "hierarchy_hash", "architecture")}
+
+
+def _loss(model, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+    out = model(batch)
+    return {"loss": out["loss"], "recon_mm": 1000.0 * out["recon_loss"].detach(),
+            "vq": out["vq_loss"].detach(), "perplexity": out["perplexity"].detach()}
+
+
+def train_stage(cfg, body, stage: str, stop_after: int | None = None,
+                train_meshes: dict[str, np.ndarray] | None = None) -> tuple[MeshVQVAE, TrainResult]:
+    """Train one stage (resuming its checkpoint when present) and return the model and its log.
+
+    ``pretrain`` streams corpus meshes; ``finetune`` starts from the pre-trained weights and streams
+    the benchmark's training meshes (``train_meshes``: its "pose" and "shape" arrays)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown Mesh-VQ-VAE stage {stage!r}; choose one of {STAGES}")
+    device = device_of(cfg.runtime)
+    torch.manual_seed(cfg.seed)
+    model = build_mesh_vqvae(cfg, body).to(device)
+    body = body.to(device)
+    v = cfg.vqvae
+    if stage == "pretrain":
+        steps, lr = v.pretrain_steps, v.lr
+        batch_fn = lambda step: rank_slice_tensor(  # noqa: E731
+            corpus_batch(body, "train", step, v.batch_size, cfg.seed, device))
+    else:
+        pre = load_checkpoint(checkpoint_dir(cfg) / "mesh_vqvae_pretrain.pt", expect=compatibility(model))
+        model.load_state_dict(pre["model"])
+        if train_meshes is None:
+            raise ValueError("fine-tuning needs the benchmark's training poses and shapes (train_meshes)")
+        pose = torch.as_tensor(train_meshes["pose"])
+        shape = torch.as_tensor(train_meshes["shape"])
+        steps, lr = v.finetune_steps, v.finetune_lr
+
+        def batch_fn(step: int) -> torch.Tensor:
+            idx = torch.as_tensor(rank_slice(step_indices(len(pose), v.batch_size, step, cfg.seed)))
+            return canonical_targets(body, pose[idx].to(device), shape[idx].to(device))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1),
+                                                    pct_start=0.05, anneal_strategy="cos")
+    result = train(f"mesh_vqvae_{stage}", model, optimizer, scheduler, batch_fn, _loss, steps,
+                   checkpoint_dir(cfg), cfg.runtime, meta=model.checkpoint_meta(), stop_after=stop_after)
+    model.eval()
+    return model, result
+
+
+def rank_slice_tensor(batch: torch.Tensor) -> torch.Tensor:
+    """This rank's share of a generated global batch."""
+    return batch[torch.as_tensor(rank_slice(np.arange(len(batch))), device=batch.device)]
+
+
+def load_mesh_vqvae(cfg, body, stage: str = "finetune", device: torch.device | str = "cpu") -> MeshVQVAE:
+    """A trained Mesh-VQ-VAE; refuses a checkpoint made for another body model or hierarchy."""
+    model = build_mesh_vqvae(cfg, body)
+    state = load_checkpoint(checkpoint_dir(cfg) / f"mesh_vqvae_{stage}.pt", expect=compatibility(model))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def reconstruct(model: MeshVQVAE, meshes: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode and decode canonical meshes: (reconstructions (N,V,3), token ids (N,54))."""
+    device = model.template.device
+    recons, ids = [], []
+    for i in range(0, len(meshes), batch_size):
+        x = meshes[i:i + batch_size].to(device)
+        tok = model.encode(x)
+        recons.append(model.decode(tok).float().cpu())
+        ids.append(tok.cpu())
+    return torch.cat(recons), torch.cat(ids)
+
+
+def reconstruction_errors(recon: torch.Tensor, meshes: torch.Tensor, regressor17: torch.Tensor) -> tuple[pd.DataFrame, np.ndarray]:
+    """Per-mesh PVE and MPJPE (mm, both meshes centred on their vertex mean) and the mean error of each
+    vertex (mm, (V,)) for the per-part and heatmap views."""
+    recon, meshes = recon.double(), meshes.double()
+    rc = recon - recon.mean(1, keepdim=True)
+    gc = meshes - meshes.mean(1, keepdim=True)
+    per_vertex = 1000.0 * torch.linalg.vector_norm(rc - gc, dim=-1)
+    reg = regressor17.double().cpu()
+    jerr = 1000.0 * torch.linalg.vector_norm(joints_from_centred(recon, reg) - joints_from_centred(meshes, reg), dim=-1)
+    table = pd.DataFrame({"PVE": per_vertex.mean(1).numpy(), "MPJPE": jerr.mean(1).numpy()})
+    return table, per_vertex.numpy()
+
+
+def part_errors(per_vertex: np.ndarray, parts: np.ndarray, part_names: tuple[str, ...]) -> pd.Series:
+    """Mean reconstruction error (mm) of each body part."""
+    mean = per_vertex.mean(0)
+    return pd.Series({name: float(mean[parts == p].mean()) for p, name in enumerate(part_names) if (parts == p).any()})
+
+
+def code_usage(ids: torch.Tensor, codebook_size: int) -> tuple[np.ndarray, float]:
+    """How often each code is used over a set of token sequences, and the usage perplexity."""
+    counts = np.bincount(ids.reshape(-1).numpy(), minlength=codebook_size)
+    p = counts / max(counts.sum(), 1)
+    nz = p[p > 0]
+    return counts, float(np.exp(-(nz * np.log(nz)).sum()))
+
+
+def token_regions(model: MeshVQVAE, n_samples: int = 8, scale: float = 0.5) -> np.ndarray:
+    """Which token controls each vertex: perturb one token's latent and see which vertices move most."""
+    device = model.template.device
+    base = model.codebook[torch.zeros(1, model.n_tokens, dtype=torch.long, device=device)]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    with torch.no_grad():
+        ref = model.decode_latent(base)
+        influence = torch.zeros(model.n_tokens, model.n_vertices)
+        for t in range(model.n_tokens):
+            for _ in range(n_samples):
+                z = base.clone()
+                z[0, t] += scale * torch.randn(z.shape[-1], generator=gen).to(device)
+                influence[t] += torch.linalg.vector_norm(model.decode_latent(z) - ref, dim=-1)[0].cpu()
+    return influence.argmax(0).numpy()
