@@ -114,3 +114,12 @@ def test_flipped_targets_match_flipped_labels(built, body):
     jm = body.joints24(mirrored)
     assert torch.allclose(jm[:, body.joint_flip24] * torch.tensor([-1.0, 1, 1]), j, atol=3e-3)
     assert Augmentation().rot_prob == 0.4
+
+
+def test_split_meshes_are_known_without_rendering(built):
+    from vqhps.data.synthetic import split_meshes
+
+    a = load_split(built, "test")
+    m = split_meshes(built, "test")
+    assert np.array_equal(m["pose"], a["pose"]) and np.array_equal(m["shape"], a["shape"])
+    assert np.array_equal(m["subject"], a["subject"])

@@ -79,6 +79,29 @@ def subject_pool(split: str, n_images: int, seed: int) -> tuple[np.ndarray, np.n
     return ids, pheno
 
 
+def shard_parameters(spec: BenchmarkSpec, shard: int) -> tuple[np.random.Generator, dict[str, np.ndarray]]:
+    """Who is in a shard and how they stand: subject ids, phenotypes, poses and trunk pitch, drawn
+    before any rendering (so the meshes of a split are known without rendering it). Returns the
+    shard's random generator, positioned for the scene draws that follow."""
+    from vqhps.data.poses import PoseSampler
+
+    n = spec.shard_count(shard)
+    rng = np.random.default_rng([spec.seed, SPLIT_ID[spec.split], shard, 1])
+    ids, pheno = subject_pool(spec.split, spec.n, spec.seed)
+    who = rng.integers(len(ids), size=n)
+    pose, info = PoseSampler(seed=int(spec.seed * 1000 + SPLIT_ID[spec.split] * 100_000 + shard)).sample(n)
+    return rng, {"pose": np.asarray(pose, dtype=np.float32), "shape": pheno[who], "subject": ids[who],
+                 "root_pitch": np.asarray(info["root_pitch"], dtype=np.float32)}
+
+
+def split_meshes(cfg, split: str, body_id: str = "") -> dict[str, np.ndarray]:
+    """Pose and shape of every image of a split, without rendering: what the Mesh-VQ-VAE fine-tunes
+    and is tested on (the split's canonical meshes follow from them)."""
+    spec = make_spec(cfg, split, body_id)
+    parts = [shard_parameters(spec, shard)[1] for shard in range(spec.n_shards)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("pose", "shape", "subject")}
+
+
 # ----------------------------------------------------------------------------------------------- geometry
 def rotation_x(deg: float) -> np.ndarray:
     a = np.radians(deg)
@@ -207,22 +230,16 @@ class ShardRenderer:
         return np.concatenate(out)
 
     def render_shard(self, spec: BenchmarkSpec, shard: int, progress: bool = False) -> dict[str, np.ndarray]:
-        from vqhps.data.poses import PoseSampler
-
-        n = spec.shard_count(shard)
-        rng = np.random.default_rng([spec.seed, SPLIT_ID[spec.split], shard, 1])
-        ids, pheno = subject_pool(spec.split, spec.n, spec.seed)
-        who = rng.integers(len(ids), size=n)
-        pose, info = PoseSampler(seed=int(spec.seed * 1000 + SPLIT_ID[spec.split] * 100_000 + shard)).sample(n)
-        pose = np.asarray(pose, dtype=np.float32)
-        shape = pheno[who]
+        rng, params = shard_parameters(spec, shard)
+        pose, shape, pitch = params["pose"], params["shape"], params["root_pitch"]
+        n = len(pose)
         canonical = self.pose_meshes(pose, shape)
         j24 = np.einsum("jv,nvc->njc", self.body.regressor24.numpy(), canonical)
         j17 = np.einsum("jv,nvc->njc", self.body.regressor17.numpy(), canonical)
         out = {k: [] for k in SHARD_KEYS}
         for i in tqdm(range(n), desc=f"{spec.split} shard {shard}", leave=False, disable=not progress):
-            sample = self.render_one(spec, canonical[i], j24[i], j17[i], rng, float(info["root_pitch"][i]))
-            sample.update(pose=pose[i], shape=shape[i], subject=ids[who[i]])
+            sample = self.render_one(spec, canonical[i], j24[i], j17[i], rng, float(pitch[i]))
+            sample.update(pose=pose[i], shape=shape[i], subject=params["subject"][i])
             for k in SHARD_KEYS:
                 out[k].append(sample[k])
         return {k: np.stack(v) for k, v in out.items()}
