@@ -103,8 +103,8 @@ class VQVAEConfig:
     dead_code_threshold: float = 1e-3
     batch_size: int = 64
     lr: float = 1e-3
-    pretrain_steps: int = 20_000
-    finetune_steps: int = 4_000
+    pretrain_steps: int = 5_000
+    finetune_steps: int = 1_500
     finetune_lr: float = 2e-4
 
 
@@ -133,6 +133,11 @@ class VQHPSConfig:
     lr_gamma: float = 0.1
     rot_weight: float = 1.0
     reproj_weight: float = 1.0
+    #: width of the two hidden layers of the rotation/camera MLP and of the VQ-HPS-rot refiner (paper: 1024)
+    rot_hidden: int = 1024
+    #: VQ-HPS-rot: epochs and learning rate of the refiner, trained on top of the frozen VQ-HPS
+    refine_epochs: int = 2
+    refine_lr: float = 1e-4
 
 
 @dataclass
@@ -197,7 +202,8 @@ def smoke() -> Config:
         ),
         vqvae=VQVAEConfig(channels=(16, 32, 64), batch_size=8, lr=2e-3, pretrain_steps=120, finetune_steps=40,
                           finetune_lr=5e-4),
-        vqhps=VQHPSConfig(d_model=128, n_heads=4, mlp_hidden=256, batch_size=16, epochs=3, lr_step_epochs=2, lr=3e-4),
+        vqhps=VQHPSConfig(d_model=128, n_heads=4, mlp_hidden=256, batch_size=16, epochs=3, lr_step_epochs=2, lr=3e-4,
+                          rot_hidden=256, refine_epochs=1, refine_lr=1e-3),
         runtime=RuntimeConfig(device="cpu", amp=False, compile=False, channels_last=False, log_every=10, ckpt_every=100),
     )
 
