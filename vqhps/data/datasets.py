@@ -112,12 +112,13 @@ def prepare_batch(batch: dict, body, device: torch.device, aug: Augmentation | N
 
 def canonical_targets(body, pose: torch.Tensor, shape: torch.Tensor, flipped: torch.Tensor | None = None) -> torch.Tensor:
     """Ground-truth canonical meshes (centred on the vertex mean) posed from stored parameters."""
+    device = body.template.device
     with torch.no_grad():
-        verts = body(pose.float(), shape.float()).vertices
+        verts = body(pose.to(device).float(), shape.to(device).float()).vertices
         verts = verts - verts.mean(1, keepdim=True)
         if flipped is not None and bool(flipped.any()):
             mirrored = verts[:, body.vertex_flip] * MIRROR_X.diagonal().to(verts)
-            verts = torch.where(flipped[:, None, None], mirrored, verts)
+            verts = torch.where(flipped.to(device)[:, None, None], mirrored, verts)
     return verts
 
 
