@@ -71,7 +71,7 @@ class DataConfig:
     occluder_prob: float = 0.2
     bad_light_prob: float = 0.15
     truncation_prob: float = 0.1
-    num_workers: int = 8
+    num_workers: int = 14
     seed: int = 0
 
 
