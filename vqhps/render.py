@@ -14,6 +14,7 @@ from functools import lru_cache
 import numpy as np
 
 _EGL_PROBE = (
+    "import os; os.environ.setdefault('PYGLET_HEADLESS', 'true');"
     "import pyrender, numpy as np;"
     "r = pyrender.OffscreenRenderer(8, 8);"
     "s = pyrender.Scene(); s.add(pyrender.PerspectiveCamera(yfov=1.0));"
@@ -41,6 +42,8 @@ def configure_platform(timeout: float = 60.0) -> str:
 @lru_cache(maxsize=1)
 def _pyrender():
     configure_platform()
+    # pyrender imports pyglet for its viewer; headless pyglet needs no X libraries
+    os.environ.setdefault("PYGLET_HEADLESS", "true")
     try:
         import pyrender
     except Exception as err:  # pragma: no cover - depends on the machine's GL libraries
