@@ -1,18 +1,207 @@
-"""Command line: ``python -m vqhps <command>``. Each command is a thin call into the library."""
+"""Command line: ``python -m vqhps <command>``. Each command is a thin call into the library.
+
+The training commands run unchanged under torchrun (``torchrun --nproc_per_node=N -m vqhps train ...``):
+each joins the process group first; caches on disk are filled by rank 0 before the others read them.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
-def _setup_body(args) -> int:
-    from .body import load_body
+# ----------------------------------------------------------------------------- --set overrides
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """``["vqvae.lr=1e-3", "runtime.amp=false"]`` -> ``{"vqvae.lr": 0.001, "runtime.amp": False}``, each
+    value converted to its config field's type (int, float, bool, str, Path, tuples, Literal, None)."""
+    from .config import Config
+
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value with a dotted config key (e.g. vqvae.lr=1e-3), got {pair!r}")
+        out[key] = _coerce(raw.strip(), _field_type(Config, key), key)
+    return out
+
+
+def _field_type(cls: type, dotted: str) -> Any:
+    """The declared type of a dotted field of a config dataclass."""
+    tp: Any = cls
+    walked = []
+    for name in dotted.split("."):
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            raise ValueError(f"config key {dotted!r}: {'.'.join(walked)} is a value, not a section")
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp)]
+        if name not in names:
+            where = ".".join(walked) or "the config"
+            raise ValueError(f"config key {dotted!r}: {where} has no field {name!r}; choose one of {names}")
+        tp = hints[name]
+        walked.append(name)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        raise ValueError(f"config key {dotted!r} is a section; set one of its fields, e.g. {dotted}."
+                         f"{dataclasses.fields(tp)[0].name}=...")
+    return tp
+
+
+def _coerce(raw: str, tp: Any, key: str) -> Any:
+    """``raw`` converted to type ``tp``; ValueError naming the key and the expected type otherwise."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if raw.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(raw, option, key)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(f"--set {key}={raw}: not a valid {tp} ({'; '.join(errors)})")
+    if origin is typing.Literal:
+        for choice in args:
+            if str(choice) == raw or (isinstance(choice, str) and choice.lower() == raw.lower()):
+                return choice
+        raise ValueError(f"--set {key}={raw}: choose one of {list(args)}")
+    if origin is tuple:
+        items = [s.strip() for s in raw.strip("()[] ").split(",") if s.strip()]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(s, args[0], key) for s in items)
+        if len(items) != len(args):
+            raise ValueError(f"--set {key}={raw}: expected {len(args)} comma-separated values")
+        return tuple(_coerce(s, a, key) for s, a in zip(items, args))
+    if tp is bool:
+        if raw.lower() in _TRUE | _FALSE:
+            return raw.lower() in _TRUE
+        raise ValueError(f"--set {key}={raw}: expected true or false")
+    if tp is int:
+        try:
+            return int(raw.replace("_", ""))
+        except ValueError:
+            number = _as_float(raw, key, "an integer")
+            if number.is_integer():
+                return int(number)
+            raise ValueError(f"--set {key}={raw}: expected an integer") from None
+    if tp is float:
+        return _as_float(raw, key, "a number")
+    if tp is str:
+        return raw
+    if tp is Path:
+        return Path(raw).expanduser().resolve()
+    raise ValueError(f"--set {key}: fields of type {tp} cannot be set from the command line")
+
+
+def _as_float(raw: str, key: str, what: str) -> float:
+    try:
+        return float(raw.replace("_", ""))
+    except ValueError:
+        raise ValueError(f"--set {key}={raw}: expected {what}") from None
+
+
+def _config(args):
     from .config import load_config
 
-    cfg = load_config(args.profile)
+    return load_config(args.profile, **parse_overrides(getattr(args, "set", None)))
+
+
+def _join(cfg):
+    """Join torchrun's process group (no-op for one process): NCCL when the config trains on CUDA,
+    gloo when it trains on the CPU (the smoke profile, even on a GPU machine)."""
+    import torch
+
+    from .distributed import setup_distributed
+
+    device = cfg.runtime.device
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return setup_distributed("nccl" if on_gpu else "gloo")
+
+
+# ----------------------------------------------------------------------------- commands
+def _setup_body(args) -> int:
+    from .body import load_body
+
+    cfg = _config(args)
     body = load_body(cfg)
     print(f"body model ready: {body.identifier()} ({body.n_vertices} vertices)")
     return 0
+
+
+def _prepare(args) -> int:
+    from .data import synthetic
+    from .distributed import barrier, current
+
+    cfg = _config(args)
+    _join(cfg)
+    if current().is_main:  # rendering is not split over ranks: the others wait
+        paths = synthetic.build_benchmark(cfg, progress=cfg.runtime.progress)
+        print(f"benchmark ready under {cfg.data_dir / 'benchmark'} ({', '.join(paths)})")
+    barrier()
+    return 0
+
+
+def _train_vae(args) -> int:
+    from .body import load_body
+    from .data import synthetic
+    from .distributed import rank0_first
+    from .vqvae_training import build_mesh_vqvae, train_stage
+
+    cfg = _config(args)
+    _join(cfg)
+    with rank0_first():  # fills the body-model and hierarchy caches once
+        body = load_body(cfg)
+        build_mesh_vqvae(cfg, body)
+    stages = ("pretrain", "finetune") if args.stage == "both" else (args.stage,)
+    for stage in stages:
+        meshes = None
+        if stage == "finetune":
+            with rank0_first():
+                meshes = synthetic.load_split(cfg, "train")
+        _, result = train_stage(cfg, body, stage, stop_after=args.stop_after, train_meshes=meshes)
+        _report(result)
+    return 0
+
+
+def _train(args) -> int:
+    try:
+        from .hps_training import train_vqhps
+    except ModuleNotFoundError as err:
+        if err.name != "vqhps.hps_training":
+            raise
+        raise RuntimeError("VQ-HPS training (vqhps/hps_training.py, train_vqhps) is not available in this "
+                           "checkout; train the Mesh-VQ-VAE with `python -m vqhps train-vae` meanwhile") from None
+    from .body import load_body
+    from .distributed import rank0_first
+    from .train import device_of
+    from .vqvae_training import load_mesh_vqvae
+
+    cfg = _config(args)
+    _join(cfg)
+    with rank0_first():
+        body = load_body(cfg)
+        vqvae = load_mesh_vqvae(cfg, body, "finetune", device_of(cfg.runtime))
+    _, result = train_vqhps(cfg, body, vqvae, name=args.name, stop_after=args.stop_after)
+    _report(result)
+    return 0
+
+
+def _report(result) -> None:
+    """One line per finished training stage, from rank 0."""
+    from .distributed import current
+
+    if not current().is_main or result is None:
+        return
+    last = result.history[-1] if getattr(result, "history", None) else {}
+    loss = f", loss {last['loss']:.4g}" if "loss" in last else ""
+    wall = getattr(result, "total_wall_s", result.wall_s)
+    print(f"{result.checkpoint.stem}: step {last.get('step', result.resumed_from):.0f}{loss}, {wall:.0f} s of "
+          f"training; checkpoint {result.checkpoint}, log {result.log}", flush=True)
 
 
 def _reproduce(args) -> int:
@@ -22,25 +211,50 @@ def _reproduce(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vqhps", description=__doc__)
+    parser = argparse.ArgumentParser(prog="vqhps", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("setup-body", help="build the body-model cache and fit its joint regressors")
-    p.add_argument("--profile", default="smoke")
-    p.set_defaults(func=_setup_body)
+    def command(name: str, func, help: str, overrides: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--profile", default="smoke", help="smoke (2-core CPU) or full (GPU)")
+        if overrides:
+            p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                           help="override a config field, e.g. --set vqvae.lr=1e-3 (repeatable)")
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("reproduce", help="run notebooks/0*.ipynb in order with papermill")
-    p.add_argument("--profile", default="smoke")
-    p.add_argument("--nproc", type=int, default=1)
+    command("setup-body", _setup_body, "build the body-model cache and fit its joint regressors")
+    command("prepare", _prepare, "render the synthetic benchmark (cached)")
+
+    p = command("train-vae", _train_vae, "train the Mesh-VQ-VAE (pre-train on the corpus, fine-tune on the benchmark)")
+    p.add_argument("--stage", choices=("pretrain", "finetune", "both"), default="both")
+    p.add_argument("--stop-after", type=int, default=None, help="stop each stage after this many steps (resumable)")
+
+    p = command("train", _train, "train VQ-HPS on the benchmark with the fine-tuned Mesh-VQ-VAE")
+    p.add_argument("--name", default="vqhps", help="run name: checkpoint and log file stem")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resumable)")
+
+    p = command("reproduce", _reproduce, "run notebooks/0*.ipynb in order with papermill", overrides=False)
+    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for the training notebooks")
     p.add_argument("--only", nargs="*", help="notebook name prefixes to run, e.g. 00 01")
-    p.set_defaults(func=_reproduce)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .distributed import teardown_distributed  # after parsing: --help needs no torch
+
+    ok = False
     try:
-        return args.func(args)
+        code = args.func(args)
+        ok = True
+        return code
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        try:
+            teardown_distributed(wait=ok)
+        except Exception:  # noqa: BLE001 - a peer that already failed must not hide the real error
+            pass

@@ -202,7 +202,7 @@ def smoke() -> Config:
         ),
         vqvae=VQVAEConfig(channels=(16, 32, 64), batch_size=8, lr=2e-3, pretrain_steps=120, finetune_steps=40,
                           finetune_lr=5e-4),
-        vqhps=VQHPSConfig(d_model=128, n_heads=4, mlp_hidden=256, batch_size=16, epochs=3, lr_step_epochs=2, lr=3e-4,
+        vqhps=VQHPSConfig(d_model=128, n_heads=4, mlp_hidden=256, batch_size=16, epochs=3, lr_step_epochs=2, lr=1e-3,
                           rot_hidden=256, refine_epochs=1, refine_lr=1e-3),
         runtime=RuntimeConfig(device="cpu", amp=False, compile=False, channels_last=False, log_every=10, ckpt_every=100),
     )

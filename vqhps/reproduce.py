@@ -37,9 +37,19 @@ def write_manifest(path: Path, entries: dict) -> None:
 
 
 def reproduce(profile: str, nproc: int = 1, only: list[str] | None = None) -> int:
-    """Execute every notebook for ``profile``; stop at the first failure and name it. Returns an exit code."""
-    import papermill
+    """Execute every notebook for ``profile``; stop at the first failure and name it. Returns an exit code.
 
+    ``nproc`` reaches every notebook as a papermill parameter: with more than one, the training
+    notebooks run their training through :func:`vqhps.distributed.launch` (torchrun, DDP), then load
+    the finished checkpoints in-process, so both paths share the same code."""
+    import papermill
+    import torch
+
+    if nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {nproc}")
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise ValueError(f"--nproc {nproc} (make reproduce NPROC={nproc}) but only {torch.cuda.device_count()} "
+                         f"GPU(s) are visible; use at most one process per GPU")
     cfg = load_config(profile)
     out_dir = cfg.results_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -47,6 +57,7 @@ def reproduce(profile: str, nproc: int = 1, only: list[str] | None = None) -> in
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     manifest.update(environment_facts())
     manifest["profile"] = profile
+    manifest["nproc"] = nproc
     manifest["config"] = cfg.to_dict()
     manifest.setdefault("notebooks", {})
     for nb in notebooks():

@@ -1,9 +1,13 @@
-"""One training loop for every model (Mesh-VQ-VAE, VQ-HPS, baselines).
+"""One training loop for every model (Mesh-VQ-VAE, VQ-HPS, baselines), on 1 or N processes.
 
-Batches are a pure function of the step (``batch_fn(step)``), so a run interrupted at any checkpoint
-resumes to exactly the weights of an uninterrupted run, and N processes under torchrun each take
-their slice of the same global batch. Checkpoints are atomic; a non-finite loss stops training
-with a clear message and leaves the last good checkpoint in place.
+Batches are a pure function of the step (``batch_fn(step)``) and the torch RNG (dropout, augmentation)
+is re-seeded every step from (seed, rank, step), so a run interrupted at any checkpoint resumes to
+exactly the weights of an uninterrupted run. Under torchrun the model is wrapped in
+DistributedDataParallel and each rank takes an equal slice of the same global batch
+(:func:`rank_slice`); checkpoints hold the unwrapped model, so a run can resume on another number of
+processes. Rank 0 alone writes checkpoints (atomic), the CSV log and the progress bar; logged metrics
+are averaged over ranks. A non-finite loss stops training on every rank with a clear message and
+leaves the last good checkpoint in place.
 """
 from __future__ import annotations
 
@@ -19,7 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .distributed import current, mean_across_ranks
+from .distributed import (barrier, broadcast_int, current, int_range_across_ranks, mean_across_ranks,
+                          per_rank_batch)
+
+#: checkpoint meta fields a resumed run must share with the model being trained
+_COMPATIBILITY = ("body_id", "hierarchy_hash", "architecture")
 
 
 class TrainingDiverged(RuntimeError):
@@ -32,7 +40,10 @@ class TrainResult:
     log: Path
     history: list[dict] = field(default_factory=list)
     resumed_from: int = 0
+    #: seconds spent training in this call (0 when the run was already complete)
     wall_s: float = 0.0
+    #: seconds spent training over every session of the run (resumes included)
+    total_wall_s: float = 0.0
 
 
 def device_of(runtime) -> torch.device:
@@ -57,11 +68,20 @@ def step_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     return perm[pos * batch_size:(pos + 1) * batch_size]
 
 
-def rank_slice(indices: np.ndarray) -> np.ndarray:
-    """This rank's share of a global batch (contiguous equal parts)."""
+def rank_slice(indices: np.ndarray, rank: int | None = None, world: int | None = None) -> np.ndarray:
+    """This rank's share of a global batch: the ``rank``-th of ``world`` equal contiguous parts
+    (defaults: the running process). Raises ValueError when the batch does not split evenly."""
     info = current()
-    per = len(indices) // info.world
-    return indices[info.rank * per:(info.rank + 1) * per]
+    rank = info.rank if rank is None else rank
+    world = info.world if world is None else world
+    per = per_rank_batch(len(indices), world)
+    return indices[rank * per:(rank + 1) * per]
+
+
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of the torch RNG for one rank at one step: independent streams, reproducible on resume."""
+    words = np.random.SeedSequence([int(seed) % 2**63, rank, step]).generate_state(2, dtype=np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
 
 
 def train(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -69,46 +89,70 @@ def train(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
           loss_fn: Callable[[torch.nn.Module, dict, int], dict[str, torch.Tensor]], total_steps: int,
           out_dir: Path, runtime, meta: dict | None = None, stop_after: int | None = None,
           eval_fn: Callable[[torch.nn.Module, int], dict[str, float]] | None = None, eval_every: int = 0,
-          grad_clip: float | None = 1.0) -> TrainResult:
+          grad_clip: float | None = 1.0, global_batch: int | None = None, seed: int | None = None,
+          find_unused_parameters: bool = False) -> TrainResult:
     """Train ``model`` for ``total_steps`` steps, resuming from ``out_dir/name.pt`` when present.
 
-    ``loss_fn(model, batch, step)`` returns a dict with "loss" (what is minimised) and any other
-    scalars to log. ``stop_after`` ends the run early after that many steps (an interruption)."""
+    ``batch_fn(step)`` returns this rank's share of the step's global batch (use :func:`rank_slice`);
+    ``loss_fn(model, batch, step)`` calls ``model(...)`` (the DDP wrapper under torchrun; reach other
+    attributes through ``getattr(model, "module", model)``) and returns a dict with "loss" (what is
+    minimised, a mean over this rank's samples) and other scalars to log. ``stop_after`` ends the run
+    early after that many steps (an interruption). ``global_batch`` (the configured batch size) is
+    checked to split evenly over the processes. ``seed`` (default: the seed torch was last seeded
+    with; a resumed run keeps its checkpoint's) drives the per-rank, per-step torch RNG.
+    ``eval_fn(model, step)`` runs on every rank with the unwrapped model; it may shard its work and
+    average with :func:`vqhps.distributed.mean_across_ranks`. ``find_unused_parameters`` is passed to
+    DDP for models whose forward skips some parameters."""
     info = current()
+    if global_batch is not None:
+        per_rank_batch(global_batch, info.world)
     device = next(model.parameters()).device
     out_dir = Path(out_dir)
     ckpt_path, log_path = out_dir / f"{name}.pt", out_dir / f"{name}.csv"
     meta = dict(meta or {})
-    start, history = 0, []
-    wrapped = model
-    if info.enabled:
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    seed = torch.initial_seed() if seed is None else seed
+    start, history, wall_before = 0, [], 0.0
     if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, expect={k: v for k, v in meta.items() if k in ("body_id", "hierarchy_hash", "architecture")})
+        state = load_checkpoint(ckpt_path, expect={k: v for k, v in meta.items() if k in _COMPATIBILITY})
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if torch.cuda.is_available() and state.get("rng_cuda") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
         start, history = state["step"], state.get("history", [])
-    result = TrainResult(checkpoint=ckpt_path, log=log_path, history=history, resumed_from=start)
+        seed, wall_before = state.get("seed", seed), state.get("wall_s", 0.0)
+    lo, hi = int_range_across_ranks(start)
+    if lo != hi:
+        raise RuntimeError(f"{name}: the processes see different checkpoints at {ckpt_path} (steps {lo} to {hi}); "
+                           "multi-machine runs need the results folder on a shared filesystem (VQHPS_RESULTS_DIR)")
+    seed = broadcast_int(int(seed) % 2**63)
+    result = TrainResult(checkpoint=ckpt_path, log=log_path, history=history, resumed_from=start,
+                         total_wall_s=wall_before)
     if start >= total_steps:
         return result
 
+    wrapped = model
+    if info.enabled:  # gradients averaged over ranks; one GPU per process, none on the CPU (gloo)
+        device_ids = None
+        if device.type == "cuda":
+            device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                                            find_unused_parameters=find_unused_parameters)
+    t0 = time.perf_counter()
+    last_saved = start if ckpt_path.exists() else None
+    elapsed = 0.0
+
     def save(step: int) -> None:
+        nonlocal elapsed
+        elapsed = time.perf_counter() - t0
         if info.is_main:
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "step": step, "history": history, "meta": meta})
+                "step": step, "seed": seed, "history": history, "meta": meta, "world": info.world,
+                "wall_s": wall_before + elapsed})
             _write_log(log_path, history)
+        barrier()
 
-    t0 = time.perf_counter()
     end = total_steps if stop_after is None else min(total_steps, start + stop_after)
     running: dict[str, torch.Tensor] = {}
     accumulated = 0
@@ -116,6 +160,7 @@ def train(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                disable=not (runtime.progress and info.is_main), leave=False)
     model.train()
     for step in bar:
+        torch.manual_seed(rank_seed(seed, info.rank, step))
         batch = batch_fn(step)
         with autocast(device, runtime.amp):
             losses = loss_fn(wrapped, batch, step)
@@ -131,13 +176,19 @@ def train(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         accumulated += 1
         done = step + 1
         if done % runtime.log_every == 0 or done == end or done % runtime.ckpt_every == 0:
-            row = {k: float(mean_across_ranks(v / accumulated)) for k, v in running.items()}
+            keys = list(running)
+            means = mean_across_ranks(torch.stack([running[k].to(device) for k in keys]) / accumulated).tolist()
+            row = dict(zip(keys, means))
             running, accumulated = {}, 0
-            if not all(math.isfinite(v) for v in row.values()):
+            bad = [k for k, v in row.items() if not math.isfinite(v)]
+            if bad:
+                kept = (f"the last good checkpoint (step {last_saved}) is kept at {ckpt_path}" if last_saved is not None
+                        else f"no checkpoint was written yet ({ckpt_path})")
                 raise TrainingDiverged(
-                    f"{name}: non-finite loss at step {done} ({row}); the last good checkpoint is kept at "
-                    f"{ckpt_path}. Lower the learning rate or check the data.")
-            row.update(step=done, lr=optimizer.param_groups[0]["lr"], wall_s=round(time.perf_counter() - t0, 2))
+                    f"{name}: non-finite {', '.join(bad)} by step {done} ({row}); {kept}. "
+                    "Lower the learning rate or check the data.")
+            row.update(step=done, lr=optimizer.param_groups[0]["lr"],
+                       wall_s=round(wall_before + time.perf_counter() - t0, 2))
             if eval_fn is not None and eval_every and (done % eval_every == 0 or done == total_steps):
                 model.eval()
                 row.update(eval_fn(model, done))
@@ -146,9 +197,24 @@ def train(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             bar.set_postfix(loss=f"{row['loss']:.4g}")
         if done % runtime.ckpt_every == 0 or done == end:
             save(done)
+            last_saved = done
     bar.close()
-    result.history, result.wall_s = history, time.perf_counter() - t0
+    result.history, result.wall_s = history, elapsed  # as recorded by the final checkpoint
+    result.total_wall_s = wall_before + elapsed
     return result
+
+
+def read_log(path: Path) -> list[dict]:
+    """The rows of a training CSV log (numbers as floats)."""
+    with open(path, newline="") as f:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _write_log(path: Path, history: list[dict]) -> None:

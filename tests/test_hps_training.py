@@ -1,0 +1,173 @@
+"""VQ-HPS training and evaluation on the smoke benchmark: deterministic batches, learning on a few
+images, exact resume, the evaluation protocol (oracles with known errors), the Mesh-VQ-VAE floor,
+VQ-HPS-rot keeping VQ-HPS's canonical mesh, and refusal of foreign checkpoints."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from vqhps.checkpoint import CheckpointMismatch
+from vqhps.config import load_config
+from vqhps.data import synthetic
+from vqhps import hps_training as H
+from vqhps.vqvae_training import load_mesh_vqvae
+
+CPU = torch.device("cpu")
+
+
+def subset(arrays: dict, n: int, start: int = 0) -> dict:
+    return {k: v[start:start + n] for k, v in arrays.items()}
+
+
+def tiny_cfg(tmp_path, log_every: int = 2):
+    cfg = load_config("smoke")
+    cfg.paths.results = tmp_path / "results"
+    cfg.runtime.log_every, cfg.runtime.progress = log_every, False
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def vqvae(smoke_cfg, body):
+    """The smoke Mesh-VQ-VAE from its default location (made by notebook 01)."""
+    return load_mesh_vqvae(smoke_cfg, body, "finetune")
+
+
+@pytest.fixture(scope="module")
+def splits(smoke_cfg):
+    return {s: synthetic.load_split(smoke_cfg, s) for s in ("train", "val", "test")}
+
+
+RUN = dict(epochs=3, batch_size=4, lr_step_epochs=2, lr=1e-3)  # 8 images: 2 steps per epoch, 6 steps
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, body, vqvae, splits):
+    """A 6-step run with per-epoch validation on 4 images: (cfg, model, result, arguments)."""
+    cfg = tiny_cfg(tmp_path_factory.mktemp("full_run"))
+    kwargs = dict(train_arrays=subset(splits["train"], 8), val_arrays=subset(splits["val"], 4), **RUN)
+    model, result = H.train_vqhps(cfg, body, vqvae, name="run", **kwargs)
+    return cfg, model, result, kwargs
+
+
+def test_batches_are_a_pure_function_of_the_step(smoke_cfg, body, splits):
+    train = splits["train"]
+    fn = H.benchmark_batches(smoke_cfg, train, body, CPU, augment=True, batch_size=4)
+    assert fn.steps_per_epoch == len(train["image"]) // 4
+    first = fn(3)
+    fn(7)  # the prefetched step 4 is discarded, step 8 is prefetched
+    again, fresh = fn(3), H.benchmark_batches(smoke_cfg, train, body, CPU, batch_size=4, prefetch=False)(3)
+    for key, value in first.items():
+        assert torch.equal(value, again[key]) and torch.equal(value, fresh[key]), key
+    assert not torch.equal(first["index"], fn(4)["index"])
+    plain = H.benchmark_batches(smoke_cfg, train, body, CPU, augment=False, batch_size=4)(3)
+    assert torch.equal(plain["index"], first["index"])
+    assert not torch.equal(plain["image"], first["image"])  # the augmentation did something
+    assert plain["canonical"].shape == (4, body.template.shape[0], 3)
+
+
+def test_token_cross_entropy_and_rotation_error_fall_on_a_few_images(tmp_path, body, vqvae, splits):
+    cfg = tiny_cfg(tmp_path, log_every=4)
+    _, result = H.train_vqhps(cfg, body, vqvae, name="overfit", train_arrays=subset(splits["train"], 4),
+                              augment=False, validate=False, epochs=20, batch_size=4, lr=1e-3, lr_step_epochs=100)
+    first, last = result.history[0], result.history[-1]
+    assert last["step"] == 20
+    assert last["ce"] < first["ce"] - 0.5
+    assert last["rot_err_deg"] < 0.6 * first["rot_err_deg"]
+    assert last["token_acc"] > first["token_acc"]
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, body, vqvae, trained):
+    _, full_model, full, kwargs = trained
+    cfg = tiny_cfg(tmp_path)
+    _, part = H.train_vqhps(cfg, body, vqvae, name="run", stop_after=4, **kwargs)
+    assert part.history[-1]["step"] == 4
+    model, resumed = H.train_vqhps(cfg, body, vqvae, name="run", **kwargs)
+    assert resumed.resumed_from == 4
+    for key, value in full_model.state_dict().items():
+        assert torch.allclose(value.float(), model.state_dict()[key].float(), atol=1e-6), key
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
+    for a, b in zip(strip(resumed.history), strip(full.history), strict=True):
+        assert a.keys() == b.keys()
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    assert sum("val_PVE" in r for r in full.history) == 3  # one validation per epoch
+
+
+def test_evaluation_protocol_on_oracles(smoke_cfg, body, splits):
+    test = subset(splits["test"], 8)
+    shift = torch.tensor([0.3, -1.0, 4.0])
+
+    def oracle(batch):  # the ground-truth oriented mesh, translated: every error is zero
+        return {"vertices": batch["canonical"] @ batch["root_rot"].transpose(1, 2) + shift, "rotmat": batch["root_rot"]}
+
+    def unrotated(batch):  # the right canonical mesh with no rotation: only a rotation away
+        return {"vertices": batch["canonical"]}
+
+    per_sample, summary = H.evaluate_split(oracle, test, body, smoke_cfg, CPU, batch_size=3, progress=False)
+    assert list(summary.index) == ["full", "valid"]
+    assert {"PVE", "MPJPE", "PA-MPJPE"} <= set(summary.columns)
+    assert len(per_sample) == 8 and list(per_sample["index"]) == list(range(8))
+    assert np.array_equal(per_sample["valid"].to_numpy(), test["valid"])
+    assert np.array_equal(per_sample["yaw"].to_numpy(), test["yaw"])
+    assert per_sample[["PVE", "MPJPE", "PA-MPJPE", "rot_err_deg"]].abs().max().max() < 1e-2
+    per_sample, summary = H.evaluate_split(unrotated, test, body, smoke_cfg, CPU, progress=False)
+    assert (per_sample["PVE"] > 50).all() and (per_sample["PA-MPJPE"] < 1e-2).all()
+    assert per_sample["rot_err_deg"].isna().all()
+
+
+def test_metrics_table_floor_below_untrained_model(smoke_cfg, body, vqvae, splits):
+    test = subset(splits["test"], 8)
+    torch.manual_seed(0)
+    untrained = H.build_vqhps(smoke_cfg.vqhps, body, vqvae).eval()
+    _, floor = H.evaluate_split(H.vqvae_floor_predictor(vqvae), test, body, smoke_cfg, CPU, progress=False)
+    per_sample, net = H.evaluate_split(H.vqhps_predictor(vqvae, body)(untrained), test, body, smoke_cfg, CPU,
+                                       progress=False)
+    table = H.metrics_table({"floor": floor, "untrained": net})
+    assert list(table.columns) == ["PVE", "MPJPE", "PA-MPJPE"]
+    assert list(table.index) == [("floor", "full"), ("floor", "valid"), ("untrained", "full"), ("untrained", "valid")]
+    assert (table["PA-MPJPE"] <= table["MPJPE"]).all()
+    for col in ("PVE", "MPJPE", "PA-MPJPE"):
+        assert floor.loc["full", col] < net.loc["full", col]
+    assert floor.loc["full", "rot_err_deg"] < 1e-3
+
+
+def test_vqhps_rot_trains_the_refiner_only(tmp_path, body, vqvae, splits, trained):
+    cfg, base, _, kwargs = trained
+    rot, result = H.train_vqhps_rot(cfg, body, vqvae, base, train_arrays=kwargs["train_arrays"], validate=False,
+                                    refine_epochs=1, batch_size=4)
+    assert result.history[-1]["step"] == 2
+    base_state, rot_state = base.state_dict(), rot.state_dict()
+    for key, value in rot_state.items():
+        if key.startswith("refiner."):
+            continue
+        assert torch.equal(value, base_state[key]), key  # weights and batch-norm statistics untouched
+    assert rot_state["refiner.out.weight"].abs().sum() > 0  # zero-initialised, moved by training
+    test = subset(splits["test"], 4)
+    p0 = H.predict_split(H.vqhps_predictor(vqvae, body)(base), test, body, cfg, CPU, progress=False)
+    p1 = H.predict_split(H.vqhps_predictor(vqvae, body)(rot), test, body, cfg, CPU, progress=False)
+    assert torch.equal(p0["canonical"], p1["canonical"]) and torch.equal(p0["rotmat"], p1["rotmat_initial"])
+    assert not torch.allclose(p0["rotmat"], p1["rotmat"])
+
+
+def test_checkpoint_made_for_another_mesh_vqvae_is_refused(body, vqvae, trained):
+    cfg, model, result, _ = trained
+    loaded = H.load_vqhps(result.checkpoint, cfg, body, vqvae)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    other = copy.copy(vqvae)
+    other.hierarchy_hash = "0123456789abcdef"
+    with pytest.raises(CheckpointMismatch, match="hierarchy_hash"):
+        H.load_vqhps(result.checkpoint, cfg, body, other)
+    pretrained = load_mesh_vqvae(load_config("smoke"), body, "pretrain")
+    with pytest.raises(CheckpointMismatch, match="vqvae_fingerprint"):
+        H.load_vqhps(result.checkpoint, cfg, body, pretrained)
+
+
+def test_resuming_with_other_settings_is_refused(body, vqvae, trained):
+    cfg, _, result, kwargs = trained
+    with pytest.raises(CheckpointMismatch, match=r"recipe\.lr.*delete"):
+        H.train_vqhps(cfg, body, vqvae, name="run", **{**kwargs, "lr": 5e-4})
+    with pytest.raises(ValueError, match="unknown VQHPSConfig field"):
+        H.train_vqhps(cfg, body, vqvae, name="run", learning_rate=1e-3)

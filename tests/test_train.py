@@ -1,0 +1,130 @@
+"""The training loop on one process: an interrupted run resumes to exactly the uninterrupted weights
+(dropout, optimiser and scheduler included), a NaN loss stops with a message naming the checkpoint and
+leaves the last good one untouched, the CSV log averages each logging window, and a finished run is
+not retrained."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from vqhps.config import RuntimeConfig
+from vqhps.train import TrainingDiverged, rank_slice, read_log, step_indices, train
+
+N, BATCH, SEED = 32, 8, 3
+X = torch.randn(N, 4, generator=torch.Generator().manual_seed(0))
+Y = X @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]) + 0.1
+
+
+def _runtime(log_every: int = 2, ckpt_every: int = 3) -> RuntimeConfig:
+    return RuntimeConfig(device="cpu", amp=False, compile=False, channels_last=False, log_every=log_every,
+                         ckpt_every=ckpt_every, progress=False)
+
+
+def _setup(init_seed: int = 0):
+    """A small MLP with dropout (the RNG must resume too), Adam and a step schedule."""
+    torch.manual_seed(init_seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    return model, optimizer, scheduler
+
+
+def batch_fn(step: int) -> dict:
+    idx = torch.as_tensor(rank_slice(step_indices(N, BATCH, step, SEED)))
+    return {"x": X[idx], "y": Y[idx]}
+
+
+def loss_fn(model, batch, step):
+    loss = torch.nn.functional.mse_loss(model(batch["x"]), batch["y"])
+    return {"loss": loss, "step_seen": torch.tensor(float(step))}
+
+
+def _run(out_dir, total=7, stop_after=None, init_seed=0, runtime=None, loss=loss_fn, batches=batch_fn, seed=SEED):
+    model, optimizer, scheduler = _setup(init_seed)
+    result = train("mlp", model, optimizer, scheduler, batches, loss, total, out_dir, runtime or _runtime(),
+                   stop_after=stop_after, seed=seed)
+    return model, result
+
+
+def test_resumed_run_matches_uninterrupted(tmp_path):
+    full, full_res = _run(tmp_path / "a")
+    _, part = _run(tmp_path / "b", stop_after=4)
+    assert part.history[-1]["step"] == 4 and part.resumed_from == 0
+    # a different initialisation proves the weights come from the checkpoint
+    resumed, res = _run(tmp_path / "b", init_seed=99)
+    assert res.resumed_from == 4
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [r["loss"] for r in res.history] == [r["loss"] for r in full_res.history]
+    assert [r["step"] for r in res.history] == [2, 3, 4, 6, 7]
+    assert res.history[-1]["lr"] == pytest.approx(1e-2 * 0.5 ** 3)  # the schedule resumed as well
+
+
+def test_dropout_stream_depends_on_the_seed(tmp_path):
+    a, _ = _run(tmp_path / "a", total=2)
+    b, _ = _run(tmp_path / "b", total=2, seed=SEED + 1)
+    assert not torch.equal(a[0].weight, b[0].weight)
+
+
+def test_csv_log_averages_each_window_up_to_the_last_step(tmp_path):
+    _, res = _run(tmp_path)
+    rows = read_log(res.log)
+    # rows at every 2nd step, every checkpoint (3, 6) and the last step; each averages the steps since the last row
+    assert [r["step"] for r in rows] == [2, 3, 4, 6, 7]
+    assert [r["step_seen"] for r in rows] == [0.5, 2.0, 3.0, 4.5, 6.0]
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in res.history])
+    assert list(rows[0])[:2] == ["loss", "step_seen"] and {"lr", "wall_s"} <= set(rows[0])
+
+
+def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path):
+    _, res = _run(tmp_path, stop_after=3)
+    good = res.checkpoint.read_bytes()
+    good_log = res.log.read_text()
+
+    def poisoned(model, batch, step):
+        out = loss_fn(model, batch, step)
+        if step >= 4:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    with pytest.raises(TrainingDiverged, match=re.escape(str(res.checkpoint))) as err:
+        _run(tmp_path, loss=poisoned)
+    assert "step 3" in str(err.value) and "loss" in str(err.value)
+    assert res.checkpoint.read_bytes() == good  # step 6 was a checkpoint step: nothing was written
+    assert res.log.read_text() == good_log
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_nan_before_any_checkpoint_says_so(tmp_path):
+    def nan_loss(model, batch, step):
+        out = loss_fn(model, batch, step)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written yet"):
+        _run(tmp_path, loss=nan_loss)
+    assert not (tmp_path / "mlp.pt").exists()
+
+
+def test_completed_run_returns_immediately(tmp_path):
+    trained, first = _run(tmp_path)
+    before = first.checkpoint.read_bytes()
+
+    def no_batches(step):
+        raise AssertionError("a finished run must not train again")
+
+    again, res = _run(tmp_path, init_seed=5, batches=no_batches)
+    assert res.resumed_from == 7 and res.wall_s == 0.0
+    assert res.total_wall_s == pytest.approx(first.total_wall_s)
+    assert res.history == first.history
+    assert torch.equal(again[0].weight, trained[0].weight)
+    assert first.checkpoint.read_bytes() == before
+
+
+def test_step_indices_cover_each_epoch_once():
+    seen = np.concatenate([step_indices(N, BATCH, s, SEED) for s in range(N // BATCH)])
+    assert sorted(seen.tolist()) == list(range(N))
+    assert not np.array_equal(step_indices(N, BATCH, 0, SEED), step_indices(N, BATCH, N // BATCH, SEED))

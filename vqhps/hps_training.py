@@ -1,0 +1,504 @@
+"""Training and evaluation of image -> mesh models on the benchmark: VQ-HPS, VQ-HPS-rot (paper
+Sec. 4.3) and, through the same generic pieces, the baselines.
+
+Generic pieces (any model): ``benchmark_batches`` (a batch is a pure function of the step, so runs
+resume exactly), ``Schedule`` + ``fit`` (AdamW, StepLR, validation once per epoch, on top of
+``vqhps.train.train``), ``iterate_split`` / ``predict_split`` / ``evaluate_split`` (a model is a
+``model_fn(batch) -> dict(vertices (B, V, 3)[, rotmat (B, 3, 3)])`` over prepared, un-augmented
+batches), ``metrics_table``, ``history_frame`` and ``learning_curves_figure``.
+VQ-HPS specifics live in small functions: ``build_vqhps``, ``vqhps_loss_fn``, ``vqhps_predictor``,
+``vqvae_floor_predictor``, ``train_vqhps``, ``train_vqhps_rot`` and ``load_vqhps``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointMismatch, check_meta, load_checkpoint
+from .config import VQHPSConfig
+from .data import synthetic
+from .data.datasets import Augmentation, BenchmarkDataset, prepare_batch
+from .distributed import current
+from .geometry import rotation_angle_deg
+from .losses import rotation_mse
+from .metrics import METRIC_COLUMNS, evaluate_meshes, summarise
+from .models.vqhps import VQHPS, vqhps_losses
+from .train import TrainResult, autocast, device_of, rank_slice, step_indices, train
+from .vqvae_training import checkpoint_dir
+
+#: what a model needs from the benchmark arrays (images, 2D joints, camera, mesh parameters, labels)
+BATCH_KEYS = tuple(k for k in BenchmarkDataset.KEYS if k != "subject")
+#: per-sample labels copied next to the metrics (failure analysis by light, occlusion, yaw ...)
+LABEL_COLUMNS = ("valid", "light", "occlusion", "in_frame", "yaw", "subject")
+#: VQHPSConfig fields that fix the shapes and meaning of the weights
+ARCHITECTURE_FIELDS = ("d_model", "n_heads", "enc_layers", "dec_layers", "mlp_hidden", "rot_hidden",
+                       "condition_on_camera", "refine_rotation")
+
+ModelFn = Callable[[dict], dict]
+
+
+# ---------------------------------------------------------------------------------------- batches
+def _augmentation_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, rank, 0xA06]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def benchmark_batches(cfg, arrays: dict[str, np.ndarray], body, device: torch.device, augment: bool = True,
+                      batch_size: int | None = None, prefetch: bool = True) -> Callable[[int], dict]:
+    """``batch_fn(step)`` over an in-memory split: the step's seeded global batch
+    (``step_indices``), this rank's share of it, moved to ``device`` and augmented with the paper's
+    augmentation drawn from a generator seeded by (cfg.seed, step, rank), with ground-truth canonical
+    meshes attached (``prepare_batch``). A pure function of ``step``; a background thread gathers the
+    next step's CPU arrays meanwhile. ``batch_fn.steps_per_epoch`` = len // batch size."""
+    n = len(arrays["image"])
+    bs = int(batch_size or cfg.vqhps.batch_size)
+    if n < bs:
+        raise ValueError(f"the split has {n} images, fewer than one batch of {bs}; lower the batch size "
+                         f"or build more data (cfg.data.n_train)")
+    keys = [k for k in BATCH_KEYS if k in arrays]
+    pin = device.type == "cuda"
+    aug = Augmentation() if augment else None
+    rank = current().rank
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-prefetch") if prefetch else None
+    pending: dict[int, Future] = {}
+
+    def cpu_batch(step: int) -> dict[str, torch.Tensor]:
+        idx = rank_slice(step_indices(n, bs, step, cfg.seed))
+        batch = {k: torch.from_numpy(np.ascontiguousarray(arrays[k][idx])) for k in keys}
+        batch["index"] = torch.from_numpy(idx.astype(np.int64))
+        return {k: v.pin_memory() for k, v in batch.items()} if pin else batch
+
+    def batch_fn(step: int) -> dict:
+        future = pending.pop(step, None)
+        cpu = future.result() if future is not None else cpu_batch(step)
+        for stale in list(pending):
+            pending.pop(stale).cancel()
+        if executor is not None:
+            pending[step + 1] = executor.submit(cpu_batch, step + 1)
+        gen = torch.Generator().manual_seed(_augmentation_seed(cfg.seed, step, rank))
+        return prepare_batch(cpu, body, device, aug, gen, body.joint_flip24, body.joint_flip17,
+                             channels_last=cfg.runtime.channels_last)
+
+    batch_fn.steps_per_epoch = max(n // bs, 1)
+    return batch_fn
+
+
+# ---------------------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class Schedule:
+    """The authors' optimisation: AdamW, StepLR every ``lr_step_epochs`` epochs by ``lr_gamma``."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    lr_step_epochs: int
+    lr_gamma: float
+
+    @classmethod
+    def of(cls, c) -> "Schedule":
+        """From any config with these fields (VQHPSConfig, a baseline's config)."""
+        return cls(c.epochs, c.batch_size, c.lr, c.weight_decay, c.lr_step_epochs, c.lr_gamma)
+
+
+def _epoch_ended(done: int, log_every: int, steps_per_epoch: int) -> bool:
+    """Whether an epoch ended in the ``log_every`` steps up to ``done`` (pure: resumes identically)."""
+    return done // steps_per_epoch > max(done - log_every, 0) // steps_per_epoch
+
+
+def fit(cfg, name: str, model: torch.nn.Module, loss_fn, schedule: Schedule, train_arrays: dict, body,
+        meta: dict, *, params: list[torch.nn.Parameter] | None = None, augment: bool = True,
+        stop_after: int | None = None, predictor: Callable[[torch.nn.Module], ModelFn] | None = None,
+        val_arrays: dict | None = None) -> TrainResult:
+    """Train ``model`` (already on its device) on ``train_arrays`` for ``schedule.epochs`` epochs with
+    AdamW over ``params`` (default: every parameter) and StepLR, checkpointing to
+    ``results/<profile>/checkpoints/<name>.pt`` and resuming from it. With ``predictor`` (model ->
+    model_fn) and ``val_arrays``, the validation metrics (val_PVE, val_MPJPE, val_PA-MPJPE,
+    val_rot_err_deg) are logged at the first log row after each epoch."""
+    device = next(model.parameters()).device
+    batch_fn = benchmark_batches(cfg, train_arrays, body, device, augment, schedule.batch_size)
+    spe = batch_fn.steps_per_epoch
+    total = schedule.epochs * spe
+    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(schedule.lr_step_epochs * spe, 1),
+                                                gamma=schedule.lr_gamma)
+    eval_fn = None
+    if predictor is not None and val_arrays is not None:
+        log_every = cfg.runtime.log_every
+
+        def eval_fn(m: torch.nn.Module, done: int) -> dict[str, float]:
+            if not (_epoch_ended(done, log_every, spe) or done == total):
+                return {}
+            _, summary = evaluate_split(predictor(m), val_arrays, body, cfg, device, schedule.batch_size,
+                                        progress=False)
+            return {f"val_{k}": float(v) for k, v in summary.loc["full"].items()}
+    meta = {**meta, "schedule": asdict(schedule), "steps_per_epoch": spe}
+    return train(name, model, optimizer, scheduler, batch_fn, loss_fn, total, checkpoint_dir(cfg), cfg.runtime,
+                 meta=meta, stop_after=stop_after, eval_fn=eval_fn, eval_every=cfg.runtime.log_every if eval_fn else 0)
+
+
+# ---------------------------------------------------------------------------------------- VQ-HPS
+def vqhps_config(cfg, **overrides) -> VQHPSConfig:
+    """``cfg.vqhps`` with field overrides (e.g. loss="3d", use_reprojection=False, epochs=1)."""
+    fields = {f.name for f in dataclasses.fields(VQHPSConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown VQHPSConfig field(s) {unknown}; valid fields: {sorted(fields)}")
+    return dataclasses.replace(cfg.vqhps, **overrides)
+
+
+def state_fingerprint(state: dict[str, torch.Tensor], keep: Callable[[str], bool] = lambda key: True) -> str:
+    """Short hash of the tensors of a state dict (those whose key ``keep`` accepts)."""
+    h = hashlib.sha256()
+    for key in sorted(k for k in state if keep(k)):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def vqvae_fingerprint(vqvae) -> str:
+    """Hash of the codebook and decoder: what the predicted token ids mean."""
+    return state_fingerprint(vqvae.state_dict(), lambda k: k.startswith("decoder.") or k == "quantizer.embed")
+
+
+def build_vqhps(hcfg: VQHPSConfig, body, vqvae) -> VQHPS:
+    """A fresh VQ-HPS for this body and Mesh-VQ-VAE (its token count and codebook size)."""
+    return VQHPS(hcfg, body.tpose_joints17().cpu(), n_tokens=vqvae.n_tokens, codebook_size=vqvae.codebook_size,
+                 rot_hidden=hcfg.rot_hidden)
+
+
+#: VQHPSConfig fields that do not change what VQ-HPS's weights are after a given step
+_NOT_RECIPE = ("epochs", "refine_epochs", "refine_lr")
+
+
+def vqhps_meta(hcfg: VQHPSConfig, body, vqvae, vqvae_stage: str) -> dict:
+    """What a VQ-HPS checkpoint records. To be loaded it must match the body, hierarchy and
+    Mesh-VQ-VAE; to be resumed, also the architecture and the ``recipe`` (every setting but the
+    number of epochs, which may be raised to train longer)."""
+    config = asdict(hcfg)
+    return {"kind": "vqhps", "config": config, "body_id": body.identifier(), "hierarchy_hash": vqvae.hierarchy_hash,
+            "vqvae_stage": vqvae_stage, "vqvae_fingerprint": vqvae_fingerprint(vqvae),
+            "backbone_weights": "scratch" if hcfg.backbone_weights is None else str(hcfg.backbone_weights),
+            "architecture": {**{k: config[k] for k in ARCHITECTURE_FIELDS}, "n_tokens": vqvae.n_tokens,
+                             "codebook_size": vqvae.codebook_size},
+            "recipe": {k: v for k, v in config.items() if k not in _NOT_RECIPE}}
+
+
+def prepare_model(model: torch.nn.Module, cfg, device: torch.device,
+                  compiled: tuple[str, ...] = ("rot_backbone", "mesh_backbone")) -> torch.nn.Module:
+    """Move to ``device``; per cfg.runtime, channels_last and (on CUDA) the submodules named in
+    ``compiled`` compiled in place (their state-dict keys unchanged, so checkpoints stay portable)."""
+    model = model.to(device)
+    if cfg.runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.runtime.compile and device.type == "cuda":
+        for name in compiled:
+            getattr(model, name).compile()
+    return model
+
+
+def vqhps_loss_fn(vqvae, body, hcfg: VQHPSConfig):
+    """``loss_fn(model, batch, step)`` of VQ-HPS: ground-truth token ids from the frozen Mesh-VQ-VAE
+    (fp32), the paper's losses (``vqhps_losses``), plus rotation error (deg) and token accuracy."""
+
+    def loss_fn(model, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), torch.autocast(batch["canonical"].device.type, enabled=False):
+            batch["token_ids"] = vqvae.encode(batch["canonical"].float())
+        out = model(batch["image"], vqvae, body)
+        losses = vqhps_losses(out, batch, vqvae, body, hcfg)
+        result = {"loss": losses.pop("total"), **{k: v.detach() for k, v in losses.items()}}
+        with torch.no_grad():
+            result["rot_err_deg"] = rotation_angle_deg(out["rotmat"].float(), batch["root_rot"].float()).mean()
+            result["token_acc"] = (out["ids"] == batch["token_ids"]).float().mean()
+        return result
+
+    return loss_fn
+
+
+def vqhps_predictor(vqvae, body) -> Callable[[torch.nn.Module], ModelFn]:
+    """model -> model_fn: VQ-HPS inference (final rotation: the refined one when there is a refiner)."""
+    return lambda model: (lambda batch: model.predict(batch["image"], vqvae, body))
+
+
+def vqvae_floor_predictor(vqvae) -> ModelFn:
+    """The best VQ-HPS could do: the ground-truth canonical mesh encoded and decoded by the
+    Mesh-VQ-VAE, rotated by the TRUE rotation."""
+
+    def model_fn(batch: dict) -> dict[str, torch.Tensor]:
+        with torch.autocast(batch["canonical"].device.type, enabled=False):
+            recon = vqvae.decode(vqvae.encode(batch["canonical"].float())).float()
+        R = batch["root_rot"].float()
+        return {"vertices": recon @ R.transpose(-1, -2), "rotmat": R, "canonical": recon}
+
+    return model_fn
+
+
+def _arrays(cfg, split: str, given: dict | None) -> dict:
+    return given if given is not None else synthetic.load_split(cfg, split)
+
+
+def _refuse_foreign(path: Path, meta: dict) -> None:
+    """Before resuming, check an existing checkpoint's meta (read lazily) against the run's."""
+    if not path.is_file():
+        return
+    try:
+        found = torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("meta", {})
+    except Exception:  # noqa: BLE001 - unreadable: train() reports it with the fix
+        return
+    _check_vqhps_meta(found, meta, path)
+    try:
+        check_meta(found, {k: meta[k] for k in ("architecture", "recipe")}, path)
+    except CheckpointMismatch as err:
+        raise CheckpointMismatch(f"{err}: this run would resume a checkpoint trained with other settings; "
+                                 f"delete {path} (and its .csv log) to retrain, or use another run name") from None
+
+
+def _check_vqhps_meta(found: dict, meta: dict, path: Path) -> None:
+    expect = {k: meta[k] for k in ("kind", "body_id", "hierarchy_hash", "vqvae_fingerprint")}
+    try:
+        check_meta(found, expect, path)
+    except CheckpointMismatch as err:
+        raise CheckpointMismatch(
+            f"{err}. A VQ-HPS checkpoint predicts token ids of the Mesh-VQ-VAE it was trained with (its "
+            f"'{found.get('vqvae_stage', '?')}' stage, on body {found.get('body_id', '?')}): load that "
+            f"Mesh-VQ-VAE with load_mesh_vqvae(cfg, body, stage), or delete {path} to retrain") from None
+
+
+def train_vqhps(cfg, body, vqvae, name: str = "vqhps", stop_after: int | None = None, *,
+                vqvae_stage: str = "finetune", train_arrays: dict | None = None, val_arrays: dict | None = None,
+                augment: bool = True, validate: bool = True, **overrides) -> tuple[VQHPS, TrainResult]:
+    """Train VQ-HPS (paper Sec. 4.3) and return (model in eval mode, TrainResult).
+
+    Token targets come on the fly from the frozen ``vqvae`` (pass the stage it was loaded from as
+    ``vqvae_stage``: it is recorded). ``overrides`` are VQHPSConfig fields, so the Table 2 ablations
+    run here under their own ``name``: ``loss="3d"``, ``use_reprojection=False``, or a pre-train-only
+    Mesh-VQ-VAE (``vqvae=load_mesh_vqvae(cfg, body, "pretrain")``, ``vqvae_stage="pretrain"``).
+    ``train_arrays``/``val_arrays`` default to the profile's train/val splits; ``validate=False``
+    skips the per-epoch validation."""
+    hcfg = vqhps_config(cfg, **overrides)
+    device = device_of(cfg.runtime)
+    body, vqvae = body.to(device), vqvae.to(device).eval()
+    meta = vqhps_meta(hcfg, body, vqvae, vqvae_stage)
+    _refuse_foreign(checkpoint_dir(cfg) / f"{name}.pt", meta)
+    torch.manual_seed(cfg.seed)
+    model = prepare_model(build_vqhps(hcfg, body, vqvae), cfg, device)
+    result = fit(cfg, name, model, vqhps_loss_fn(vqvae, body, hcfg), Schedule.of(hcfg),
+                 _arrays(cfg, "train", train_arrays), body, meta, augment=augment, stop_after=stop_after,
+                 predictor=vqhps_predictor(vqvae, body) if validate else None,
+                 val_arrays=_arrays(cfg, "val", val_arrays) if validate else None)
+    return model.eval(), result
+
+
+class _RefinerStage(VQHPS):
+    """VQ-HPS whose base network stays in eval mode while the refiner trains (batch-norm statistics
+    and dropout of the frozen base are exactly those of the trained VQ-HPS)."""
+
+    def train(self, mode: bool = True) -> "_RefinerStage":
+        super().train(False)
+        if self.refiner is not None:
+            self.refiner.train(mode)
+        self.training = mode
+        return self
+
+
+def vqhps_rot_loss_fn(body, vqvae, hcfg: VQHPSConfig):
+    """``loss_fn`` of the refiner stage: the rotation loss of the refined rotation only."""
+
+    def loss_fn(model, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        out = model(batch["image"], vqvae, body)
+        R = batch["root_rot"].float()
+        with torch.autocast(R.device.type, enabled=False):
+            rot_refined = rotation_mse(out["rotmat_refined"].float(), R)
+        with torch.no_grad():
+            err = rotation_angle_deg(out["rotmat_refined"].float(), R).mean()
+            err0 = rotation_angle_deg(out["rotmat"].float(), R).mean()
+        return {"loss": hcfg.rot_weight * rot_refined, "rot_refined": rot_refined.detach(),
+                "rot_err_deg": err, "rot_err_initial_deg": err0}
+
+    return loss_fn
+
+
+def train_vqhps_rot(cfg, body, vqvae, base_model: VQHPS, name: str = "vqhps_rot", stop_after: int | None = None, *,
+                    vqvae_stage: str = "finetune", train_arrays: dict | None = None, val_arrays: dict | None = None,
+                    augment: bool = True, validate: bool = True, **overrides) -> tuple[VQHPS, TrainResult]:
+    """VQ-HPS-rot: the refiner of Sec. 4.3 trained ON TOP OF a trained VQ-HPS.
+
+    The base network's weights are copied and frozen (kept in eval mode); only the refiner (pooled
+    rotation feature, R, camera and the 17-joint skeleton of the decoded mesh -> R_f) trains, with
+    its rotation loss, for ``refine_epochs`` at ``refine_lr`` (VQHPSConfig; ``overrides`` apply).
+    The canonical mesh is therefore exactly VQ-HPS's, which is why Table 1 reports the same
+    PA-MPJPE for both; only the orientation (PVE, MPJPE) changes."""
+    hcfg = vqhps_config(cfg, **overrides)
+    arch = {k: getattr(base_model.cfg, k) for k in ARCHITECTURE_FIELDS if k != "refine_rotation"}
+    rcfg = dataclasses.replace(hcfg, **arch, backbone_weights=base_model.cfg.backbone_weights, refine_rotation=True)
+    device = device_of(cfg.runtime)
+    body, vqvae = body.to(device), vqvae.to(device).eval()
+    meta = {**vqhps_meta(rcfg, body, vqvae, vqvae_stage), "stage": "refiner"}
+    meta["recipe"] = {"base": state_fingerprint(base_model.state_dict()),
+                      **{k: getattr(rcfg, k) for k in ("refine_lr", "batch_size", "weight_decay", "rot_weight",
+                                                       "dropout")}}
+    _refuse_foreign(checkpoint_dir(cfg) / f"{name}.pt", meta)
+    torch.manual_seed(cfg.seed)
+    model = _RefinerStage(rcfg, body.tpose_joints17().cpu(), n_tokens=vqvae.n_tokens,
+                          codebook_size=vqvae.codebook_size, rot_hidden=rcfg.rot_hidden)
+    missing, unexpected = model.load_state_dict(base_model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("refiner.") for k in missing):
+        raise ValueError(f"base model does not match VQ-HPS-rot's base: missing {missing}, unexpected {unexpected}")
+    for pname, p in model.named_parameters():
+        p.requires_grad_(pname.startswith("refiner."))
+    model = prepare_model(model, cfg, device)
+    schedule = Schedule(epochs=rcfg.refine_epochs, batch_size=rcfg.batch_size, lr=rcfg.refine_lr,
+                        weight_decay=rcfg.weight_decay, lr_step_epochs=max(rcfg.refine_epochs, 1), lr_gamma=1.0)
+    result = fit(cfg, name, model, vqhps_rot_loss_fn(body, vqvae, rcfg), schedule, _arrays(cfg, "train", train_arrays),
+                 body, meta, params=list(model.refiner.parameters()), augment=augment, stop_after=stop_after,
+                 predictor=vqhps_predictor(vqvae, body) if validate else None,
+                 val_arrays=_arrays(cfg, "val", val_arrays) if validate else None)
+    return model.eval(), result
+
+
+def load_vqhps(path: str | Path, cfg, body, vqvae, device: torch.device | str = "cpu") -> VQHPS:
+    """A trained VQ-HPS (or VQ-HPS-rot) in eval mode, built from the architecture its checkpoint
+    records. Refuses (CheckpointMismatch) a checkpoint made for another body model, hierarchy or
+    Mesh-VQ-VAE: its token ids would decode to other meshes."""
+    path = Path(path)
+    state = load_checkpoint(path)
+    found = state.get("meta", {})
+    stored = found.get("config")
+    if found.get("kind") != "vqhps" or not isinstance(stored, dict):
+        raise CheckpointMismatch(f"checkpoint {path}: kind is {found.get('kind', '<missing>')!r}, not a VQ-HPS "
+                                 f"checkpoint (written by train_vqhps / train_vqhps_rot)")
+    known = {f.name for f in dataclasses.fields(VQHPSConfig)}
+    hcfg = dataclasses.replace(cfg.vqhps, **{k: v for k, v in stored.items() if k in known})
+    _check_vqhps_meta(found, vqhps_meta(hcfg, body, vqvae, found.get("vqvae_stage", "?")), path)
+    model = build_vqhps(hcfg, body, vqvae)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+def vqhps_checkpoint(cfg, name: str = "vqhps") -> Path:
+    """Where ``train_vqhps(cfg, ..., name=name)`` writes its checkpoint."""
+    return checkpoint_dir(cfg) / f"{name}.pt"
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+def iterate_split(arrays: dict[str, np.ndarray], body, cfg, device: torch.device,
+                  batch_size: int | None = None, progress: bool = True, desc: str = "eval") -> Iterator[dict]:
+    """Prepared, un-augmented batches of a whole split in order (ground-truth canonical meshes attached;
+    ``index`` holds the sample indices)."""
+    n = len(arrays["image"])
+    bs = int(batch_size or cfg.vqhps.batch_size)
+    keys = [k for k in BATCH_KEYS if k in arrays]
+    for start in tqdm(range(0, n, bs), desc=desc, leave=False, disable=not (progress and cfg.runtime.progress)):
+        idx = np.arange(start, min(start + bs, n))
+        batch = {k: torch.from_numpy(np.ascontiguousarray(arrays[k][idx])) for k in keys}
+        batch["index"] = torch.from_numpy(idx)
+        yield prepare_batch(batch, body, device, None, channels_last=cfg.runtime.channels_last)
+
+
+@torch.no_grad()
+def predict_split(model_fn: ModelFn, arrays: dict[str, np.ndarray], body, cfg, device: torch.device,
+                  batch_size: int | None = None, keys: tuple[str, ...] | None = None,
+                  progress: bool = True) -> dict[str, torch.Tensor]:
+    """Run ``model_fn`` over a split without augmentation; its tensor outputs (``keys``: default all)
+    concatenated on the CPU in split order, plus ``index``. Full meshes of a large split take
+    memory (V x 3 floats each): ``evaluate_split`` streams instead."""
+    body = body.to(device)
+    out: dict[str, list[torch.Tensor]] = {"index": []}
+    for batch in iterate_split(arrays, body, cfg, device, batch_size, progress, desc="predict"):
+        with autocast(device, cfg.runtime.amp):
+            pred = model_fn(batch)
+        out["index"].append(batch["index"].cpu())
+        for k, v in pred.items():
+            if isinstance(v, torch.Tensor) and (keys is None or k in keys):
+                out.setdefault(k, []).append(v.detach().float().cpu() if v.is_floating_point() else v.cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def evaluate_split(model_fn: ModelFn, arrays: dict[str, np.ndarray], body, cfg, device: torch.device,
+                   batch_size: int | None = None, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-sample metrics of ``model_fn`` on a split and their summary.
+
+    Ground truth: the oriented mesh canonical @ root_rot^T; prediction: ``model_fn(batch)["vertices"]``
+    (both centred on their vertex mean by the metrics, as VQ-HPS's R̂·V̂c is). Returns (per_sample:
+    index, PVE, MPJPE, PA-MPJPE (mm), rot_err_deg (NaN without a predicted ``rotmat``) and the labels
+    valid, light, occlusion, in_frame, yaw, subject; summary: ``metrics.summarise`` rows full/valid
+    plus the mean rotation error)."""
+    body = body.to(device)
+    rows = []
+    for batch in iterate_split(arrays, body, cfg, device, batch_size, progress):
+        with autocast(device, cfg.runtime.amp):
+            pred = model_fn(batch)
+        R = batch["root_rot"].float()
+        gt = batch["canonical"].float() @ R.transpose(-1, -2)
+        metrics = evaluate_meshes(pred["vertices"].float(), gt, body.regressor17, batch["valid"])
+        if "rotmat" in pred:
+            metrics["rot_err_deg"] = rotation_angle_deg(pred["rotmat"].double(), R.double()).cpu().numpy()
+        else:
+            metrics["rot_err_deg"] = np.full(len(R), np.nan)
+        metrics["index"] = batch["index"].cpu().numpy()
+        rows.append(pd.DataFrame(metrics))
+    per_sample = pd.concat(rows, ignore_index=True)
+    for col in LABEL_COLUMNS:
+        if col in arrays and col != "valid":
+            per_sample[col] = np.asarray(arrays[col])[per_sample["index"].to_numpy()]
+    per_sample = per_sample[["index", *METRIC_COLUMNS, "rot_err_deg",
+                             *[c for c in LABEL_COLUMNS if c in per_sample.columns]]]
+    return per_sample, summarise_with_rotation(per_sample)
+
+
+def summarise_with_rotation(per_sample: pd.DataFrame) -> pd.DataFrame:
+    """``metrics.summarise`` (rows full/valid, PVE/MPJPE/PA-MPJPE in mm) plus the mean rotation error."""
+    summary = summarise(per_sample)
+    valid = per_sample["valid"].astype(bool).to_numpy()
+    summary["rot_err_deg"] = [per_sample["rot_err_deg"].mean(), per_sample["rot_err_deg"][valid].mean()]
+    return summary
+
+
+def metrics_table(summaries: dict[str, pd.DataFrame], columns: tuple[str, ...] = METRIC_COLUMNS) -> pd.DataFrame:
+    """{method: summary} -> one table indexed by (method, subset) with the chosen metric columns."""
+    table = pd.concat({name: s[list(columns)] for name, s in summaries.items()}, names=["method", "subset"])
+    return table.round(2)
+
+
+# ---------------------------------------------------------------------------------------- curves
+def history_frame(result: TrainResult, run: str, step_offset: int = 0) -> pd.DataFrame:
+    """A run's logged rows as a DataFrame with a ``run`` column (``step_offset`` places a
+    continuation, e.g. VQ-HPS-rot after VQ-HPS, on the same step axis)."""
+    df = pd.DataFrame(result.history)
+    if df.empty:
+        return df
+    return df.assign(run=run, step=df["step"] + step_offset)
+
+
+#: (column, axis label) of the learning-curve panels
+CURVE_PANELS = (("ce", "token cross-entropy"), ("rot_err_deg", "rotation error (deg)"),
+                ("reproj", "reprojection L1"), ("val_PVE", "validation PVE (mm)"))
+
+
+def learning_curves_figure(curves: pd.DataFrame, panels=CURVE_PANELS):
+    """One panel per logged quantity, one line per run, against step."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (col, label) in zip(axes[0], panels):
+        for run, df in curves.groupby("run", sort=False):
+            if col in df.columns and df[col].notna().any():
+                d = df[["step", col]].dropna()
+                ax.plot(d["step"], d[col], marker="o" if len(d) < 12 else None, ms=3, label=run)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,205 @@
+"""Shared parts of the parametric baselines (HMR, CLIFF): the parameter vector (global rotation,
+27 articulated-joint rotations, 6 phenotypes, weak-perspective camera), its mean, the iterative
+error-feedback regressor, posing the body model, and the losses on joints and parameters.
+
+Pose layout: the body model takes (B, 104, 3, 3) local bone rotations; only the 27 bones of
+``vqhps.data.poses.ARTICULATED_BONES`` move in the data, so only those are regressed (6D each)
+and every other bone keeps the identity. The global rotation is separate (body frame -> camera
+frame, as ``root_rot`` of the data)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..body.base import mirror_index
+from ..data.poses import (ANNY_BONE_LABELS, ANNY_N_BONES, ARTICULATED_BONES, angles_to_local_rotations,
+                          key_pose_angles)
+from ..geometry import matrix_to_rot6d, rot6d_to_matrix
+from ..losses import reprojection_l1, rotation_mse
+from .vqhps import UPRIGHT_FACING_CAMERA
+
+N_ARTICULATED = len(ARTICULATED_BONES)
+#: position of each articulated bone among the body model's 104 bones
+ARTICULATED_INDEX = torch.tensor([ANNY_BONE_LABELS.index(b) for b in ARTICULATED_BONES], dtype=torch.long)
+#: index of each of the 104 bones' left/right twin (itself on the midline)
+BONE_MIRROR_INDEX = mirror_index(ANNY_BONE_LABELS)
+#: the sagittal mirror x -> -x (the left side is +x in the body frame and in anny's own frame)
+_MIRROR = torch.diag(torch.tensor([-1.0, 1.0, 1.0]))
+
+
+def full_precision(t: torch.Tensor) -> torch.autocast:
+    """Context that turns autocast off on ``t``'s device: body model, geometry and losses run in fp32."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+# ------------------------------------------------------------------------------------ pose layout
+def scatter_pose(local: torch.Tensor, n_bones: int = ANNY_N_BONES) -> torch.Tensor:
+    """(B, 27, 3, 3) articulated-joint rotations -> (B, 104, 3, 3) body pose, identity elsewhere."""
+    b = local.shape[0]
+    eye = torch.eye(3, dtype=local.dtype, device=local.device).expand(b, n_bones, 3, 3)
+    index = ARTICULATED_INDEX.to(local.device)
+    return eye.index_copy(1, index, local)
+
+
+def gather_articulated(pose: torch.Tensor) -> torch.Tensor:
+    """(B, 104, 3, 3) body pose -> (B, 27, 3, 3) rotations of the articulated joints."""
+    return pose[:, ARTICULATED_INDEX.to(pose.device)]
+
+
+def mirror_pose(pose: torch.Tensor) -> torch.Tensor:
+    """Left/right mirror image of (B, 104, 3, 3) poses: twins swap and each rotation is conjugated
+    by the x mirror, so the posed mesh is the mirrored mesh (what a horizontally flipped image shows)."""
+    m = _MIRROR.to(pose)
+    return m @ pose[:, BONE_MIRROR_INDEX.to(pose.device)] @ m
+
+
+def pose_targets(batch: dict[str, Any]) -> torch.Tensor:
+    """Ground-truth (B, 104, 3, 3) pose of a batch, mirrored for the samples ``prepare_batch`` flipped
+    (it mirrors image, joints, root rotation and canonical mesh, but not the stored pose)."""
+    pose = batch["pose"].float()
+    flipped = batch.get("flipped")
+    if flipped is None or not bool(flipped.any()):
+        return pose
+    return torch.where(flipped.view(-1, 1, 1, 1), mirror_pose(pose), pose)
+
+
+def mean_pose(name: str | None = "stand") -> torch.Tensor:
+    """(27, 3, 3) local rotations of the articulated joints in a key pose of ``vqhps.data.poses``
+    (default: relaxed standing, arms down); ``None`` gives the identity (anny's rest pose, a wide A)."""
+    if name is None:
+        return torch.eye(3).expand(N_ARTICULATED, 3, 3).clone()
+    return gather_articulated(angles_to_local_rotations(key_pose_angles(name))[None])[0].float()
+
+
+# ------------------------------------------------------------------------------- parameter vector
+class ParamLayout:
+    """Slices of the flat parameter vector: [global 6D | 27 x 6D joints | 6 shape logits | s, tx, ty]."""
+
+    def __init__(self, shape_dim: int = 6, n_joints: int = N_ARTICULATED) -> None:
+        self.n_joints, self.shape_dim = n_joints, shape_dim
+        self.glob = slice(0, 6)
+        self.pose = slice(6, 6 + 6 * n_joints)
+        self.shape = slice(self.pose.stop, self.pose.stop + shape_dim)
+        self.cam = slice(self.shape.stop, self.shape.stop + 3)
+        self.dim = self.cam.stop
+
+    def mean(self, init_pose: str | None = "stand", init_rotmat: torch.Tensor | None = None,
+             init_shape: float = 0.5, init_scale: float = 1.0) -> torch.Tensor:
+        """(dim,) starting parameters: ``init_rotmat`` (default upright, facing the camera), the
+        ``init_pose`` key pose, phenotypes ``init_shape`` (as sigmoid logits), camera (s, 0, 0)."""
+        rot = torch.tensor(UPRIGHT_FACING_CAMERA) if init_rotmat is None else torch.as_tensor(init_rotmat).float()
+        shape = torch.full((self.shape_dim,), float(init_shape)).clamp(1e-4, 1 - 1e-4)
+        return torch.cat((matrix_to_rot6d(rot), matrix_to_rot6d(mean_pose(init_pose)).reshape(-1),
+                          torch.logit(shape), torch.tensor([float(init_scale), 0.0, 0.0])))
+
+    def decode(self, params: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, dim) -> rotmat (B, 3, 3), local_rotmat (B, 27, 3, 3), pose (B, 104, 3, 3), shape
+        (B, 6) in [0, 1], cam (B, 3); fp32."""
+        p = params.float()
+        b = p.shape[0]
+        local = rot6d_to_matrix(p[:, self.pose].reshape(b, self.n_joints, 6))
+        return {"rotmat": rot6d_to_matrix(p[:, self.glob]), "local_rotmat": local, "pose": scatter_pose(local),
+                "shape": torch.sigmoid(p[:, self.shape]), "cam": p[:, self.cam]}
+
+
+class IterativeRegressor(nn.Module):
+    """HMR's iterative error feedback: ``n_iter`` times, [feature ⊕ extra ⊕ current params] -> FC
+    ``hidden`` -> ReLU -> dropout -> FC ``hidden`` -> ReLU -> dropout -> FC -> delta added to the
+    params, starting from ``init`` (a buffer). The last layer starts with tiny weights and runs in
+    fp32, so the first estimate is the mean and the parameters keep full precision under autocast."""
+
+    def __init__(self, feat_dim: int, init: torch.Tensor, hidden: int = 1024, dropout: float = 0.0,
+                 n_iter: int = 3) -> None:
+        super().__init__()
+        self.n_iter = int(n_iter)
+        self.register_buffer("init", init.float().clone())
+        dim = init.numel()
+        self.mlp = nn.Sequential(
+            nn.Linear(feat_dim + dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        )
+        self.out = nn.Linear(hidden, dim)
+        nn.init.xavier_uniform_(self.out.weight, gain=0.01)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, feat: torch.Tensor) -> list[torch.Tensor]:
+        """feat (B, feat_dim) -> the (B, dim) fp32 parameters after each iteration."""
+        params = self.init.expand(feat.shape[0], -1)
+        history = []
+        for _ in range(self.n_iter):
+            h = self.mlp(torch.cat((feat, params.to(feat.dtype)), dim=-1))
+            with full_precision(h):
+                params = params + self.out(h.float())
+            history.append(params)
+        return history
+
+
+# ------------------------------------------------------------------------------------- body model
+def pose_body(body, rotmat: torch.Tensor, pose: torch.Tensor, shape: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Differentiable meshes in fp32: canonical (B, V, 3) = body(pose, shape) centred on its vertex
+    mean; vertices = canonical @ rotmat^T (oriented, camera-aligned axes); joints24 / joints17 of it."""
+    with full_precision(pose):
+        canonical = body(pose.float(), shape.float()).vertices
+        canonical = canonical - canonical.mean(1, keepdim=True)
+        vertices = canonical @ rotmat.float().transpose(-1, -2)
+        return {"canonical": canonical, "vertices": vertices,
+                "joints24": body.joints24(vertices), "joints17": body.joints17(vertices)}
+
+
+def ensure_body_device(body, device: torch.device) -> None:
+    """Move the (shared, unregistered) body model to ``device`` if it is elsewhere."""
+    if body.template.device != device:
+        body.to(device)
+
+
+def oriented_targets(batch: dict[str, Any]) -> torch.Tensor:
+    """Ground-truth oriented mesh (B, V, 3) = canonical @ root_rot^T (both from ``prepare_batch``)."""
+    return batch["canonical"].float() @ batch["root_rot"].float().transpose(-1, -2)
+
+
+def camera_regulariser(cam: torch.Tensor) -> torch.Tensor:
+    """exp(-10 s)^2, mean: near 0 for s > 0.3, steep for negative scales (as in SPIN)."""
+    return torch.exp(-20.0 * cam[:, 0].float()).mean()
+
+
+DEFAULT_WEIGHTS = {"reproj": 1.0, "joints3d": 5.0, "pose": 1.0, "rot": 1.0, "shape": 1.0, "cam_reg": 1.0}
+
+
+def weighted_mean_abs(diff: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of |diff| (B, J, C), each joint weighed by ``weight`` (B, J) or (B, J, 1) when given."""
+    diff = diff.abs()
+    if weight is None:
+        return diff.mean()
+    w = weight.float()
+    w = (w if w.dim() == 3 else w[..., None]).expand_as(diff)
+    return (diff * w).sum() / w.sum().clamp_min(1e-8)
+
+
+def parametric_terms(outputs: dict[str, torch.Tensor], batch: dict[str, Any], body) -> dict[str, torch.Tensor]:
+    """HMR's loss terms (with their graphs), fp32.
+
+    reproj: L1 between the weak perspective of the predicted joints24 and ``batch["joints2d"]``
+    (optional ``joints2d_weight``); joints3d: MSE (m²) between predicted and ground-truth joints24,
+    both from vertex-mean-centred oriented meshes; pose: MSE between the 27 predicted joint rotation
+    matrices and the ground truth (mirrored for flipped samples); rot: MSE of the global rotation vs
+    ``root_rot``; shape: MSE of the phenotypes; cam_reg: see ``camera_regulariser``."""
+    with full_precision(outputs["vertices"]):
+        gt_joints = body.joints24(oriented_targets(batch))
+        return {
+            "reproj": reprojection_l1(outputs["joints24"], outputs["cam"], batch["joints2d"],
+                                      batch.get("joints2d_weight")),
+            "joints3d": F.mse_loss(outputs["joints24"].float(), gt_joints),
+            "pose": F.mse_loss(outputs["local_rotmat"].float(), gather_articulated(pose_targets(batch))),
+            "rot": rotation_mse(outputs["rotmat"], batch["root_rot"]),
+            "shape": F.mse_loss(outputs["shape"].float(), batch["shape"].float()),
+            "cam_reg": camera_regulariser(outputs["cam"]),
+        }
+
+
+def weighted_total(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    """dict(loss = sum of weights[k] * terms[k], and every term detached for logging)."""
+    total = sum(float(weights.get(k, 0.0)) * v for k, v in terms.items())
+    return {"loss": total, **{k: v.detach() for k, v in terms.items()}}
