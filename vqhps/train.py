@@ -89,7 +89,7 @@ def train(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
           loss_fn: Callable[[torch.nn.Module, dict, int], dict[str, torch.Tensor]], total_steps: int,
           out_dir: Path, runtime, meta: dict | None = None, stop_after: int | None = None,
           eval_fn: Callable[[torch.nn.Module, int], dict[str, float]] | None = None, eval_every: int = 0,
-          grad_clip: float | None = 1.0, global_batch: int | None = None, seed: int | None = None,
+          grad_clip: float | None = None, global_batch: int | None = None, seed: int | None = None,
           find_unused_parameters: bool = False) -> TrainResult:
     """Train ``model`` for ``total_steps`` steps, resuming from ``out_dir/name.pt`` when present.
 
@@ -166,8 +166,9 @@ def train(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             losses = loss_fn(wrapped, batch, step)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        # the gradient norm is logged (it diagnoses a stalled run); clipping only when asked for
+        losses = {**losses, "grad_norm": torch.nn.utils.clip_grad_norm_(
+            model.parameters(), grad_clip if grad_clip else float("inf"))}
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
