@@ -35,3 +35,18 @@ def tiny_cfg(tmp_path):
     cfg.paths.results = tmp_path / "results"
     cfg.data.n_train, cfg.data.n_val, cfg.data.n_test, cfg.data.shard_size = 8, 4, 6, 4
     return cfg
+
+
+@pytest.fixture(scope="session")
+def smoke_artifacts(smoke_cfg):
+    """The smoke benchmark and both smoke Mesh-VQ-VAE stages, at their default locations (what
+    notebooks 00 and 01 make; built here when missing, reused when present)."""
+    from vqhps.body import load_body
+    from vqhps.data import synthetic
+    from vqhps.vqvae_training import train_stage
+
+    body = load_body(smoke_cfg)
+    synthetic.build_benchmark(smoke_cfg, progress=False)
+    train_stage(smoke_cfg, body, "pretrain")
+    train_stage(smoke_cfg, body, "finetune", train_meshes=synthetic.split_meshes(smoke_cfg, "train"))
+    return smoke_cfg

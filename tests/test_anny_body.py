@@ -59,3 +59,16 @@ def test_regressors_are_sparse_nonnegative_and_translation_equivariant(body):
 
 def test_identifier_is_stable(body):
     assert body.identifier() == body.identifier() and body.identifier().startswith("anny-13348-")
+
+
+def test_template_bytes_do_not_depend_on_the_thread_count(body, smoke_cfg):
+    """Hashes of the template (mesh hierarchy, checkpoints) must not change with the machine's threads."""
+    from vqhps.body.anny_body import AnnyBody
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if before > 1 else 2)
+    try:
+        again = AnnyBody(smoke_cfg.paths.anny_cache)
+    finally:
+        torch.set_num_threads(before)
+    assert again.template.numpy().tobytes() == body.template.numpy().tobytes()

@@ -50,7 +50,7 @@ def body(cfg):
 
 
 @pytest.fixture(scope="module")
-def raw(cfg):
+def raw(cfg, smoke_artifacts):
     arrays = synthetic.load_split(cfg, "train")
     ds = BenchmarkDataset(arrays)
     return torch.utils.data.default_collate([ds[i] for i in (0, 1)])

@@ -30,13 +30,15 @@ def tiny_cfg(tmp_path, log_every: int = 2):
 
 
 @pytest.fixture(scope="module")
-def vqvae(smoke_cfg, body):
-    """The smoke Mesh-VQ-VAE from its default location (made by notebook 01)."""
+def vqvae(smoke_artifacts, body):
+    """The smoke Mesh-VQ-VAE from its default location (made by notebook 01 or the fixture)."""
+    smoke_cfg = smoke_artifacts
     return load_mesh_vqvae(smoke_cfg, body, "finetune")
 
 
 @pytest.fixture(scope="module")
-def splits(smoke_cfg):
+def splits(smoke_artifacts):
+    smoke_cfg = smoke_artifacts
     return {s: synthetic.load_split(smoke_cfg, s) for s in ("train", "val", "test")}
 
 

@@ -78,7 +78,7 @@ class AnnyBody(BodyModel):
     def __init__(self, cache_dir: Path, topology: str = "anny", regressors: dict[str, np.ndarray] | None = None):
         super().__init__()
         self.topology = topology
-        self.model = build_anny(cache_dir, topology).to(torch.float32)
+        self.model = build_anny(cache_dir, topology)  # float64 until the template is computed
         self.bone_labels: list[str] = list(self.model.bone_labels)
         self.n_bones = len(self.bone_labels)
         raw_faces = self.model.get_triangular_faces().cpu().numpy().astype(np.int64)
@@ -91,8 +91,12 @@ class AnnyBody(BodyModel):
         self.register_buffer("keep", torch.from_numpy(keep), persistent=False)
         self.register_buffer("faces", torch.from_numpy(faces), persistent=False)
         self.register_buffer("to_shared", ANNY_TO_SHARED.to(torch.float32), persistent=False)
-        rest = self._raw_forward(self.rest_pose(1), torch.full((1, self.shape_dim), 0.5))
-        self.register_buffer("template", rest["vertices"][0], persistent=False)
+        # the template in float64, snapped to a 0.1 um grid, then float32: bit-identical whatever the
+        # thread count (summation order), so hashes of it (mesh hierarchy, checkpoints) are stable
+        rest = self._raw_forward(self.rest_pose(1), torch.full((1, self.shape_dim), 0.5))["vertices"][0]
+        snapped = torch.round(rest * 1e7) / 1e7 + 0.0  # + 0.0 turns -0.0 into 0.0 (same bytes)
+        self.register_buffer("template", snapped.to(torch.float32), persistent=False)
+        self.model = self.model.to(torch.float32)
         self.register_buffer("vertex_flip", torch.from_numpy(mirror_vertices(self.template.numpy())), persistent=False)
         n = self.n_vertices
         reg = regressors or {"regressor24": np.full((24, n), 1.0 / n), "regressor17": np.full((17, n), 1.0 / n)}
@@ -109,15 +113,17 @@ class AnnyBody(BodyModel):
     def _raw_forward(self, pose: torch.Tensor, shape: torch.Tensor) -> dict[str, torch.Tensor]:
         """Pose anny and return vertices (B, V, 3) and bone heads (B, 104, 3) in the shared frame."""
         batch = pose.shape[0]
+        dtype = self.model.template_vertices.dtype
         if pose.shape[-2:] == (3, 3):
-            transforms = torch.eye(4, dtype=torch.float32, device=pose.device).repeat(batch, self.n_bones, 1, 1)
+            transforms = torch.eye(4, dtype=dtype, device=pose.device).repeat(batch, self.n_bones, 1, 1)
             transforms[..., :3, :3] = pose
         else:
-            transforms = pose.to(torch.float32)
+            transforms = pose.to(dtype).clone()
         transforms[:, 0] = torch.eye(4, dtype=transforms.dtype, device=transforms.device)
-        out = self.model(pose_parameters=transforms, phenotype_kwargs=shape.to(torch.float32))
-        verts = out["vertices"][:, self.keep] @ self.to_shared.T
-        heads = out["bone_poses"][..., :3, 3] @ self.to_shared.T
+        out = self.model(pose_parameters=transforms, phenotype_kwargs=shape.to(dtype))
+        to_shared = self.to_shared.to(dtype)
+        verts = out["vertices"][:, self.keep] @ to_shared.T
+        heads = out["bone_poses"][..., :3, 3] @ to_shared.T
         return {"vertices": verts, "bone_heads": heads}
 
     def pose_with_bones(self, pose: torch.Tensor, shape: torch.Tensor) -> dict[str, torch.Tensor]:
