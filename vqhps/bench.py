@@ -87,3 +87,23 @@ def write_bench(rows: list[dict], out_dir: Path, name: str, extra: dict | None =
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2))
     pd.DataFrame(rows).to_csv(out_dir / f"{name}.csv", index=False)
     return out_dir / f"{name}.json"
+
+
+def bench_rendering(cfg, body, n: int = 64, split: str = "train") -> list[dict]:
+    """Benchmark images rendered per second by one process (posing, rendering, compositing, labels);
+    a build with W worker processes runs about W times this on W free cores."""
+    from vqhps.data.synthetic import ShardRenderer, make_spec
+
+    spec = make_spec(cfg, split, body.identifier())
+    spec = type(spec)(**{**spec.__dict__, "n": n, "shard_size": n})
+    renderer = ShardRenderer(body, cfg.data.crop_size)
+    try:
+        renderer.render_shard(spec, 0)  # warm-up: GL context, caches
+        start = time.perf_counter()
+        renderer.render_shard(spec, 0)
+        sec = time.perf_counter() - start
+    finally:
+        renderer.close()
+    return [{"what": "benchmark_rendering_one_process", "precision": "-", "batch": n,
+             "items_per_s": n / sec, "ms_per_batch": 1000 * sec, "peak_mb": float("nan"),
+             "crop_size": cfg.data.crop_size, "render_size": cfg.data.render_size}]

@@ -161,10 +161,27 @@ def _train_vae(args) -> int:
     for stage in stages:
         meshes = None
         if stage == "finetune":
-            with rank0_first():
-                meshes = synthetic.load_split(cfg, "train")
+            meshes = synthetic.split_meshes(cfg, "train")  # poses and shapes; no rendering needed
         _, result = train_stage(cfg, body, stage, stop_after=args.stop_after, train_meshes=meshes)
         _report(result)
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import bench_mesh_vqvae, bench_rendering, write_bench
+    from .body import load_body
+    from .train import device_of
+
+    cfg = _config(args)
+    device = device_of(cfg.runtime)
+    body = load_body(cfg)
+    rows = bench_rendering(cfg, body, n=64 if device.type == "cuda" else 32)
+    rows += bench_mesh_vqvae(cfg, body, device, batch=256 if device.type == "cuda" else 8,
+                             iters=10 if device.type == "cuda" else 2)
+    path = write_bench(rows, cfg.results_dir / "bench", "bench")
+    for row in rows:
+        print(f"{row['what']:28s} {row['precision']:5s} batch {row['batch']:4d}: {row['items_per_s']:9.1f} /s")
+    print(f"written: {path}")
     return 0
 
 
@@ -234,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("train", _train, "train VQ-HPS on the benchmark with the fine-tuned Mesh-VQ-VAE")
     p.add_argument("--name", default="vqhps", help="run name: checkpoint and log file stem")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resumable)")
+
+    command("bench", _bench, "measure rendering and Mesh-VQ-VAE throughput; JSON + CSV under results/<profile>/bench/")
 
     p = command("reproduce", _reproduce, "run notebooks/0*.ipynb in order with papermill", overrides=False)
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for the training notebooks")
