@@ -50,3 +50,11 @@ def smoke_artifacts(smoke_cfg):
     train_stage(smoke_cfg, body, "pretrain")
     train_stage(smoke_cfg, body, "finetune", train_meshes=synthetic.split_meshes(smoke_cfg, "train"))
     return smoke_cfg
+
+
+@pytest.fixture(scope="session")
+def anny_model(smoke_cfg):
+    """The raw anny model with the project's cache (the poses' and BVH tests look at its bones)."""
+    from vqhps.body.anny_body import build_anny
+
+    return build_anny(smoke_cfg.paths.anny_cache)

@@ -1,10 +1,6 @@
 """BVH parsing and retargeting of a CMU-named skeleton onto anny."""
 from __future__ import annotations
 
-import os
-import warnings
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -65,14 +61,6 @@ def write_bvh(values: dict[str, np.ndarray], n_frames: int) -> str:
         lines.append(" ".join(f"{v:.4f}" for v in row))
     return "\n".join(lines) + "\n"
 
-
-@pytest.fixture(scope="module")
-def anny_model():
-    anny = pytest.importorskip("anny")
-    os.environ.setdefault("ANNY_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "anny"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return anny.Anny()
 
 
 def bone_heads(model, rotations: torch.Tensor) -> np.ndarray:

@@ -1,10 +1,6 @@
 """Procedural pose library: joint limits, angle <-> rotation maps, sampler, and posed anny geometry."""
 from __future__ import annotations
 
-import os
-import warnings
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -17,15 +13,6 @@ REQUIRED_POSES = (
     "kick", "squat", "lunge", "arms_crossed", "hands_on_hips", "phone_call", "stretch_side",
 )
 
-
-@pytest.fixture(scope="module")
-def anny_model():
-    """anny with the project's cache; constructing it takes < 1 s once the cache exists."""
-    anny = pytest.importorskip("anny")
-    os.environ.setdefault("ANNY_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "anny"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return anny.Anny()
 
 
 def pose_anny(model, rotations: torch.Tensor, phenotype: torch.Tensor | None = None) -> dict:

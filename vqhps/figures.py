@@ -42,14 +42,20 @@ def _has_tabulate() -> bool:
     return True
 
 
-def image_grid(images: list[np.ndarray], titles: list[str] | None = None, cols: int = 6, size: float = 2.0):
-    """A grid of RGB images with optional titles."""
-    rows = (len(images) + cols - 1) // cols
+def blank_grid(n: int, cols: int, size: float):
+    """A figure with enough axes (hidden frames) for ``n`` panels, and those axes flattened."""
+    rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
+    return fig, axes.ravel()
+
+
+def image_grid(images: list[np.ndarray], titles: list[str] | None = None, cols: int = 6, size: float = 2.0):
+    """A grid of RGB images with optional titles."""
+    fig, axes = blank_grid(len(images), cols, size)
     for i, img in enumerate(images):
-        ax = axes.ravel()[i]
+        ax = axes[i]
         ax.imshow(img)
         if titles:
             ax.set_title(titles[i], fontsize=8)
@@ -69,12 +75,9 @@ def sample_grid(arrays: dict[str, np.ndarray], indices: list[int], cols: int = 6
     """Benchmark crops with their 24 2D joints drawn, titled with light and validity."""
     from vqhps.data.synthetic import LIGHT_NAMES
 
-    rows = (len(indices) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
+    fig, axes = blank_grid(len(indices), cols, size)
     for k, i in enumerate(indices):
-        ax = axes.ravel()[k]
+        ax = axes[k]
         ax.imshow(arrays["image"][i])
         draw_skeleton(ax, arrays["joints2d_24"][i])
         ax.set_title(f"{LIGHT_NAMES[int(arrays['light'][i])]}{'' if arrays['valid'][i] else ' (not valid)'}", fontsize=7)

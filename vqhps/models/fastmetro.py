@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from ..mesh.hierarchy import MeshHierarchy, build_hierarchy
-from .backbone import FEATURE_DIM, resnet50_backbone
 from ..losses import reprojection_l1
+from .backbone import FEATURE_DIM, resnet50_backbone
 from .body_params import ensure_body_device, full_precision, oriented_targets, weighted_total
+from .transformer import encoder_decoder
 from .vqhps import UPRIGHT_FACING_CAMERA, sine_position_encoding_2d
 
 #: one learned query per H36M-like joint (``body.joints17``)
@@ -107,13 +108,8 @@ class FastMETRO(nn.Module):
         self.backbone = resnet50_backbone(c.backbone_weights)
         self.input_proj = nn.Conv2d(FEATURE_DIM, d, kernel_size=1)
         self.cam_token = nn.Parameter(torch.randn(1, d) * 0.02)
-        enc_layer = nn.TransformerEncoderLayer(d, c.n_heads, c.mlp_hidden, c.dropout, activation="gelu",
-                                               batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(enc_layer, c.enc_layers, norm=nn.LayerNorm(d),
-                                             enable_nested_tensor=False)
-        dec_layer = nn.TransformerDecoderLayer(d, c.n_heads, c.mlp_hidden, c.dropout, activation="gelu",
-                                               batch_first=True, norm_first=True)
-        self.decoder = nn.TransformerDecoder(dec_layer, c.dec_layers, norm=nn.LayerNorm(d))
+        self.encoder, self.decoder = encoder_decoder(d, c.n_heads, c.mlp_hidden, c.dropout, c.enc_layers,
+                                                     c.dec_layers)
         self.joint_queries = nn.Parameter(torch.randn(n_joints, d) * 0.02)
         self.vertex_queries = nn.Parameter(torch.randn(n_coarse, d) * 0.02)
         self.xyz_head = nn.Linear(d, 3)

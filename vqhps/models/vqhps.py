@@ -23,6 +23,7 @@ from ..config import VQHPSConfig
 from ..geometry import IDENTITY_6D, matrix_to_rot6d, rot6d_to_matrix
 from ..losses import reprojection_l1, rotation_mse, token_cross_entropy, vertex_l2
 from .backbone import FEATURE_DIM, resnet50_backbone
+from .transformer import encoder_decoder
 
 
 def _full_precision(t: torch.Tensor) -> torch.autocast:
@@ -95,13 +96,8 @@ class MeshTokenPredictor(nn.Module):
             raise ValueError(f"d_model={d} must be divisible by n_heads={cfg.n_heads} and by 4")
         self.d_model = d
         self.input_proj = nn.Conv2d(in_channels, d, kernel_size=1)
-        enc_layer = nn.TransformerEncoderLayer(d, cfg.n_heads, cfg.mlp_hidden, cfg.dropout, activation="gelu",
-                                               batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(enc_layer, cfg.enc_layers, norm=nn.LayerNorm(d),
-                                             enable_nested_tensor=False)
-        dec_layer = nn.TransformerDecoderLayer(d, cfg.n_heads, cfg.mlp_hidden, cfg.dropout, activation="gelu",
-                                               batch_first=True, norm_first=True)
-        self.decoder = nn.TransformerDecoder(dec_layer, cfg.dec_layers, norm=nn.LayerNorm(d))
+        self.encoder, self.decoder = encoder_decoder(d, cfg.n_heads, cfg.mlp_hidden, cfg.dropout, cfg.enc_layers,
+                                                     cfg.dec_layers)
         self.queries = nn.Parameter(torch.randn(n_tokens, d) * 0.02)
         self.conditioned = bool(cfg.condition_on_camera)
         self.cond_mlp = (
