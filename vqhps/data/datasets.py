@@ -37,20 +37,6 @@ class BenchmarkDataset(torch.utils.data.Dataset):
         return item
 
 
-def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
-                drop_last: bool = False, distributed: bool = False) -> torch.utils.data.DataLoader:
-    """A seeded DataLoader; with ``distributed`` a DistributedSampler splits the data over ranks
-    (call ``loader.sampler.set_epoch(epoch)`` to reshuffle each epoch)."""
-    sampler = None
-    if distributed:
-        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        shuffle = False
-    gen = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=gen, drop_last=drop_last,
-        num_workers=num_workers, pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
-
-
 @dataclass
 class Augmentation:
     """The paper's augmentation: flip, in-plane rotation of +-60 deg with p=0.4, scale +-25%,
