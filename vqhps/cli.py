@@ -221,6 +221,23 @@ def _report(result) -> None:
           f"training; checkpoint {result.checkpoint}, log {result.log}", flush=True)
 
 
+def _demo(args) -> int:
+    from .demo import load_predictor, run_demo
+
+    cfg = _config(args)
+    source = Path(args.input)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such image or folder")
+    predictor = load_predictor(args.checkpoint, cfg)
+    report = run_demo([source], predictor, args.out, bbox=args.bbox)
+    for path, reason in report["failed"]:
+        if not source.is_dir():
+            raise ValueError(reason)
+        print(f"skipped {path}: {reason}")
+    print(f"{len(report['ok'])} image(s) done, {len(report['failed'])} skipped; outputs in {args.out}")
+    return 0
+
+
 def _reproduce(args) -> int:
     from .reproduce import reproduce
 
@@ -253,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resumable)")
 
     command("bench", _bench, "measure rendering and Mesh-VQ-VAE throughput; JSON + CSV under results/<profile>/bench/")
+
+    p = command("demo", _demo, "run a trained VQ-HPS on an image or a folder of images")
+    p.add_argument("input", help="an image file or a folder of images")
+    p.add_argument("--checkpoint", required=True, type=Path, help="VQ-HPS checkpoint (python -m vqhps train)")
+    p.add_argument("--bbox", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), default=None,
+                   help="person box in pixels (default: the whole image)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
 
     p = command("reproduce", _reproduce, "run notebooks/0*.ipynb in order with papermill", overrides=False)
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for the training notebooks")
