@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 import torch
 
@@ -30,16 +30,18 @@ class CheckpointMismatch(ValueError):
     """A checkpoint's metadata disagrees with what the caller expects."""
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` with ``torch.save`` atomically; returns the path. On any failure the
-    temporary file is removed and an existing checkpoint at ``path`` stays as it was."""
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Create ``path`` by ``write(binary_file)`` on a temporary file in the same folder, fsync, then
+    rename: readers see the old file or the whole new one, never a part. On any failure the temporary
+    file is removed and an existing file at ``path`` stays as it was. Every file the project writes
+    for later reuse (checkpoints, shards, caches, logs, manifests) goes through here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -48,6 +50,11 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` with ``torch.save`` atomically (:func:`atomic_write`); returns the path."""
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | os.PathLike, expect: dict[str, Any] | None = None,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .checkpoint import atomic_write
 from .data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from .data.sample import crop_and_resize
 
@@ -199,18 +199,6 @@ def render_overlay(pred: dict, faces: np.ndarray, renderer=None) -> np.ndarray:
     return composite(rgba, patch, alpha=0.8)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _png_bytes(image: np.ndarray) -> bytes:
     import io
 
@@ -242,7 +230,7 @@ def write_outputs(pred: dict, faces: np.ndarray, out_dir: Path, stem: str, sourc
              f"{stem}.json": json.dumps(record, indent=1).encode()}
     paths = []
     for name, data in files.items():
-        _atomic_write(out_dir / name, data)
+        atomic_write(out_dir / name, lambda f, data=data: f.write(data))
         paths.append(out_dir / name)
     return paths
 

@@ -30,10 +30,9 @@ def notebooks(directory: Path = PROJECT_ROOT / "notebooks") -> list[Path]:
 
 
 def write_manifest(path: Path, entries: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(entries, indent=2, sort_keys=True))
-    tmp.replace(path)
+    from .checkpoint import atomic_write
+
+    atomic_write(path, lambda f: f.write(json.dumps(entries, indent=2, sort_keys=True).encode()))
 
 
 def reproduce(profile: str, nproc: int = 1, only: list[str] | None = None) -> int:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +17,7 @@ import torch
 from scipy.optimize import nnls
 from tqdm.auto import tqdm
 
+from ..checkpoint import atomic_write
 from .base import H36M17_NAMES, SMPL24_NAMES
 
 #: bump when the fitting procedure changes, so cached regressors are refitted
@@ -164,13 +163,5 @@ def load_or_fit_regressors(body, cache_dir: Path, n_samples: int = 2000, seed: i
     r24, r17 = joint_targets(rest_out["vertices"], rest_out["bone_heads"], body.bone_labels, body.template.numpy())
     result = {"regressor24": fit_regressor(verts, j24, rest, r24[0].double().numpy()),
               "regressor17": fit_regressor(verts, j17, rest, r17[0].double().numpy())}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **result)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: np.savez(f, **result))
     return result

@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..checkpoint import atomic_write
 from .backgrounds import background
 from .sample import crop_affine, project_points, square_bbox
 
@@ -314,18 +313,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def shard_path(root: Path, split: str, shard: int) -> Path:
@@ -364,13 +351,13 @@ def check_split(root: Path, spec: BenchmarkSpec, verify_checksums: bool = True) 
 
 def _write_shard(root: Path, spec: BenchmarkSpec, shard: int, arrays: dict[str, np.ndarray]) -> dict:
     path = shard_path(root, spec.split, shard)
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path), "n": int(len(arrays["image"]))}
 
 
 def _write_manifest(root: Path, spec: BenchmarkSpec, shards: dict[str, dict]) -> None:
     manifest = {"spec": asdict(spec), "n": spec.n, "shards": shards}
-    _atomic_write(manifest_path(root, spec.split), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    atomic_write(manifest_path(root, spec.split), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
 
 # worker state of a spawn pool: one body model and one GL context per process
