@@ -5,9 +5,10 @@ is re-seeded every step from (seed, rank, step), so a run interrupted at any che
 exactly the weights of an uninterrupted run. Under torchrun the model is wrapped in
 DistributedDataParallel and each rank takes an equal slice of the same global batch
 (:func:`rank_slice`); checkpoints hold the unwrapped model, so a run can resume on another number of
-processes. Rank 0 alone writes checkpoints (atomic), the CSV log and the progress bar; logged metrics
-are averaged over ranks. A non-finite loss stops training on every rank with a clear message and
-leaves the last good checkpoint in place.
+processes. (The scaling benchmark, ``python -m vqhps bench-ddp``, instead keeps the per-process batch
+fixed, so its global batch grows with the number of processes.) Rank 0 alone writes checkpoints
+(atomic), the CSV log and the progress bar; logged metrics are averaged over ranks. A non-finite loss
+stops training on every rank with a clear message and leaves the last good checkpoint in place.
 """
 from __future__ import annotations
 
@@ -85,6 +86,41 @@ def rank_seed(seed: int, rank: int, step: int) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
+def wrap_ddp(model: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel when running under torchrun (gradients averaged over ranks;
+    one GPU per process, none on the CPU with gloo), else ``model`` itself."""
+    if not current().enabled:
+        return model
+    device = next(model.parameters()).device
+    device_ids = None
+    if device.type == "cuda":
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                                     find_unused_parameters=find_unused_parameters)
+
+
+def train_step(wrapped: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None, batch: dict,
+               loss_fn: Callable[[torch.nn.Module, dict, int], dict[str, torch.Tensor]], step: int, amp: bool,
+               grad_clip: float | None = None) -> dict[str, torch.Tensor]:
+    """One optimisation step as :func:`train` takes it (and ``python -m vqhps bench`` times it): the
+    loss of ``wrapped`` (the model or its DDP wrapper) under autocast, backward, the gradient norm of
+    ``model`` (clipped only with ``grad_clip``), optimizer and scheduler steps. Returns the losses
+    with ``grad_norm``."""
+    device = next(model.parameters()).device
+    with autocast(device, amp):
+        losses = loss_fn(wrapped, batch, step)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    # the gradient norm is logged (it diagnoses a stalled run); clipping only when asked for
+    losses = {**losses, "grad_norm": torch.nn.utils.clip_grad_norm_(
+        model.parameters(), grad_clip if grad_clip else float("inf"))}
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return losses
+
+
 def train(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
           scheduler: torch.optim.lr_scheduler.LRScheduler | None, batch_fn: Callable[[int], dict],
           loss_fn: Callable[[torch.nn.Module, dict, int], dict[str, torch.Tensor]], total_steps: int,
@@ -131,13 +167,7 @@ def train(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     if start >= total_steps:
         return result
 
-    wrapped = model
-    if info.enabled:  # gradients averaged over ranks; one GPU per process, none on the CPU (gloo)
-        device_ids = None
-        if device.type == "cuda":
-            device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
-                                                            find_unused_parameters=find_unused_parameters)
+    wrapped = wrap_ddp(model, find_unused_parameters)
     t0 = time.perf_counter()
     last_saved = start if ckpt_path.exists() else None
     elapsed = 0.0
@@ -163,16 +193,7 @@ def train(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     for step in bar:
         torch.manual_seed(rank_seed(seed, info.rank, step))
         batch = batch_fn(step)
-        with autocast(device, runtime.amp):
-            losses = loss_fn(wrapped, batch, step)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        # the gradient norm is logged (it diagnoses a stalled run); clipping only when asked for
-        losses = {**losses, "grad_norm": torch.nn.utils.clip_grad_norm_(
-            model.parameters(), grad_clip if grad_clip else float("inf"))}
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        losses = train_step(wrapped, model, optimizer, scheduler, batch, loss_fn, step, runtime.amp, grad_clip)
         for k, v in losses.items():
             running[k] = running.get(k, 0.0) + v.detach().float()
         accumulated += 1
