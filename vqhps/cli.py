@@ -186,6 +186,10 @@ def _bench(args) -> int:
 
 
 def _train(args) -> int:
+    from .ablations import RUNS
+
+    if args.name in RUNS:  # a Table 2 ablation (or its reference): own overrides and Mesh-VQ-VAE stage
+        return _train_ablation(args)
     try:
         from .hps_training import train_vqhps
     except ModuleNotFoundError as err:
@@ -204,6 +208,24 @@ def _train(args) -> int:
         body = load_body(cfg)
         vqvae = load_mesh_vqvae(cfg, body, "finetune", device_of(cfg.runtime))
     _, result = train_vqhps(cfg, body, vqvae, name=args.name, stop_after=args.stop_after)
+    _report(result)
+    return 0
+
+
+def _train_ablation(args) -> int:
+    from .ablations import ablation, train_ablation
+    from .body import load_body
+    from .distributed import rank0_first
+    from .train import device_of
+    from .vqvae_training import load_mesh_vqvae
+
+    cfg = _config(args)
+    _join(cfg)
+    stage = ablation(args.name).vqvae_stage
+    with rank0_first():
+        body = load_body(cfg)
+        vqvae = load_mesh_vqvae(cfg, body, stage, device_of(cfg.runtime))
+    _, result = train_ablation(cfg, body, args.name, stop_after=args.stop_after, vqvaes={stage: vqvae})
     _report(result)
     return 0
 
@@ -266,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, default=None, help="stop each stage after this many steps (resumable)")
 
     p = command("train", _train, "train VQ-HPS on the benchmark with the fine-tuned Mesh-VQ-VAE")
-    p.add_argument("--name", default="vqhps", help="run name: checkpoint and log file stem")
+    p.add_argument("--name", default="vqhps", help="run name: checkpoint and log file stem (a Table 2 ablation's "
+                   "name, e.g. vqhps_3d_loss, vqhps_no_reprojection, vqhps_pretrain_vqvae, trains that ablation)")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resumable)")
 
     command("bench", _bench, "measure rendering and Mesh-VQ-VAE throughput; JSON + CSV under results/<profile>/bench/")

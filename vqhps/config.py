@@ -141,6 +141,15 @@ class VQHPSConfig:
 
 
 @dataclass
+class AblationConfig:
+    """Table 2's ablations: VQ-HPS variants trained with the main run's data, seed and optimiser."""
+
+    #: epochs of each ablation run (and of their same-schedule VQ-HPS reference); None = ``vqhps.epochs``,
+    #: the main run's. 1 keeps notebook 05's four trainings within 10 minutes on one GPU (full profile)
+    epochs: int | None = 1
+
+
+@dataclass
 class RuntimeConfig:
     """How code runs: device, mixed precision, compilation, logging."""
 
@@ -163,6 +172,7 @@ class Config:
     hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)
     vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
     vqhps: VQHPSConfig = field(default_factory=VQHPSConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     @property
