@@ -163,6 +163,17 @@ class RuntimeConfig:
 
 
 @dataclass
+class UncertaintyConfig:
+    """Token-sampling uncertainty: ``samples`` token sequences drawn from softmax(logits / temperature)
+    (restricted to the ``top_k`` likeliest codes when set), decoded, and their spread measured."""
+
+    samples: int = 16
+    temperature: float = 1.0
+    top_k: int | None = None
+    seed: int = 0
+
+
+@dataclass
 class Config:
     profile: str = "full"
     seed: int = 0
@@ -174,6 +185,7 @@ class Config:
     vqhps: VQHPSConfig = field(default_factory=VQHPSConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
 
     @property
     def results_dir(self) -> Path:
@@ -215,6 +227,7 @@ def smoke() -> Config:
         vqhps=VQHPSConfig(d_model=128, n_heads=4, mlp_hidden=256, batch_size=16, epochs=3, lr_step_epochs=2, lr=1e-3,
                           rot_hidden=256, refine_epochs=1, refine_lr=1e-3),
         runtime=RuntimeConfig(device="cpu", amp=False, compile=False, channels_last=False, log_every=10, ckpt_every=100),
+        uncertainty=UncertaintyConfig(samples=4),
     )
 
 
