@@ -187,3 +187,50 @@ def test_cli(tmp_path, tiny_checkpoint, rgb_image, capsys):
                  "--bbox", "0", "0", "29", "39"]) == 0
     assert "skipped" in capsys.readouterr().out
     assert (tmp_path / "o" / "p_overlay.png").is_file()
+
+
+def test_samples_add_the_token_spread(tmp_path, predictor, rgb_image, monkeypatch):
+    path = _save(tmp_path / "s.png", rgb_image)
+    plain = predictor.predict(rgb_image)
+    assert "vertex_spread" not in plain
+    report = demo.run_demo([path], predictor, tmp_path / "out", progress=False, samples=3)
+    assert {"s_spread.png", "s_spread.glb", "s.json"} <= {p.name for p in report["ok"][0][1]}
+    u = json.loads((tmp_path / "out" / "s.json").read_text())["uncertainty"]
+    spread = np.array(u["vertex_spread_mm"])
+    assert u["samples"] == 3 and spread.shape == (predictor.body.n_vertices,) and (spread >= 0).all()
+    assert u["spread_mm"] == pytest.approx(spread.mean(), abs=1e-3)
+    overlay = np.asarray(Image.open(tmp_path / "out" / "s_spread.png"))
+    assert overlay.shape == (predictor.crop_size, predictor.crop_size, 3)
+    # seeded: the same image draws the same samples; the argmax prediction does not depend on them
+    again = predictor.predict(rgb_image, samples=3)
+    assert np.allclose(again["vertex_spread"], spread, atol=1e-3)
+    assert np.array_equal(again["token_ids"], plain["token_ids"]) and np.array_equal(again["vertices"], plain["vertices"])
+    # at temperature 0 every sample is the argmax: no spread
+    monkeypatch.setattr(predictor.cfg.uncertainty, "temperature", 0.0)
+    assert (predictor.predict(rgb_image, samples=3)["vertex_spread"] == 0).all()
+
+
+def test_cli_samples(tmp_path, tiny_checkpoint, rgb_image, capsys):
+    from vqhps.cli import main
+
+    image = _save(tmp_path / "p.png", rgb_image)
+    args = ["demo", str(image), "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "o")]
+    assert main([*args, "--samples", "-1"]) == 2
+    assert "--samples" in capsys.readouterr().err
+    assert main([*args, "--samples", "2", "--set", "uncertainty.top_k=5"]) == 0
+    record = json.loads((tmp_path / "o" / "p.json").read_text())
+    assert record["uncertainty"]["samples"] == 2 and record["uncertainty"]["top_k"] == 5
+    assert (tmp_path / "o" / "p_spread.png").is_file()
+
+
+def test_demo_example_figure(tmp_path, predictor, smoke_artifacts):
+    from vqhps.data import synthetic
+
+    arrays = {k: v[:3] for k, v in synthetic.load_split(smoke_artifacts, "test").items()}
+    path = demo.demo_example(predictor, arrays, 2, samples=2, results_dir=tmp_path)
+    assert path == tmp_path / "figures" / "demo_example.png"
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size[0] > 2 * img.size[1]  # three panels side by side
+    # the input is the benchmark crop itself, and the demo's outputs sit next to it
+    assert np.array_equal(demo.read_image(tmp_path / "demo_example" / "test_00002.png"), arrays["image"][2])
+    assert (tmp_path / "demo_example" / "test_00002_overlay.png").is_file()

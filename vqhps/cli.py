@@ -251,7 +251,9 @@ def _demo(args) -> int:
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such image or folder")
     predictor = load_predictor(args.checkpoint, cfg)
-    report = run_demo([source], predictor, args.out, bbox=args.bbox)
+    if args.samples < 0:
+        raise ValueError(f"--samples must be 0 (off) or a positive number of token samples, got {args.samples}")
+    report = run_demo([source], predictor, args.out, bbox=args.bbox, samples=args.samples)
     for path, reason in report["failed"]:
         if not source.is_dir():
             raise ValueError(reason)
@@ -300,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bbox", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), default=None,
                    help="person box in pixels (default: the whole image)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--samples", type=int, default=0, metavar="K",
+                   help="also sample K token sequences from the logits and write their per-vertex spread (mm) "
+                        "to the JSON and a spread-coloured overlay and mesh (default 0: off; temperature and "
+                        "top-k from --set uncertainty.temperature=... uncertainty.top_k=...)")
 
     p = command("reproduce", _reproduce, "run notebooks/0*.ipynb in order with papermill", overrides=False)
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for the training notebooks")

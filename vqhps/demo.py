@@ -133,16 +133,28 @@ class Predictor:
         return int(self.cfg.data.crop_size)
 
     @torch.no_grad()
-    def predict(self, image: np.ndarray, bbox=None) -> dict[str, Any]:
+    def predict(self, image: np.ndarray, bbox=None, samples: int = 0) -> dict[str, Any]:
         """uint8 RGB image (H, W, 3) [+ box] -> dict(vertices (V, 3) oriented mesh = canonical @ R^T,
         canonical (V, 3), rotmat (3, 3), cam (3,) = [s, tx, ty], token_ids (54,), bbox (4,) the
-        square box used, crop (S, S, 3) uint8), numpy arrays."""
+        square box used, crop (S, S, 3) uint8), numpy arrays. With ``samples`` K > 0 it adds the
+        token-sampling uncertainty (``vqhps.uncertainty``, settings from cfg.uncertainty, seeded):
+        vertex_spread (V,) mm, spread (its mean, mm) and uncertainty (the settings used)."""
+        from .uncertainty import batch_generator, oriented_prediction, sample_tokens, spread_of_ids
+
         patch, box = crop(image, bbox, self.crop_size)
-        out = self.model.predict(to_network_input(patch).to(self.device), self.vqvae, self.body)
-        return {"vertices": out["vertices"][0].float().cpu().numpy(),
-                "canonical": out["canonical"][0].float().cpu().numpy(),
-                "rotmat": out["rotmat"][0].float().cpu().numpy(), "cam": out["cam"][0].float().cpu().numpy(),
+        raw = self.model(to_network_input(patch).to(self.device), self.vqvae, self.body)
+        out = oriented_prediction(raw)
+        pred = {"vertices": out["vertices"][0].cpu().numpy(), "canonical": out["canonical"][0].cpu().numpy(),
+                "rotmat": out["rotmat"][0].cpu().numpy(), "cam": out["cam"][0].cpu().numpy(),
                 "token_ids": out["ids"][0].cpu().numpy().astype(np.int64), "bbox": box, "crop": patch}
+        if samples > 0:
+            u = self.cfg.uncertainty
+            gen = batch_generator(self.cfg, u, 0, self.device)
+            spread = spread_of_ids(self.vqvae, sample_tokens(raw["logits"], samples, u.temperature, u.top_k, gen))
+            pred.update(vertex_spread=spread.vertex[0].cpu().numpy(), spread=float(spread.spread[0]),
+                        uncertainty={"samples": int(samples), "temperature": float(u.temperature), "top_k": u.top_k,
+                                     "seed": int(u.seed)})
+        return pred
 
 
 def load_predictor(checkpoint: str | os.PathLike, cfg, device: torch.device | str = "cpu") -> Predictor:
@@ -181,8 +193,8 @@ def overlay_camera(cam: np.ndarray, size: int, depth: float = OVERLAY_DEPTH) -> 
     return K, np.array([tx / s, ty / s, depth])
 
 
-def render_overlay(pred: dict, faces: np.ndarray, renderer=None) -> np.ndarray:
-    """The predicted mesh drawn over its crop -> uint8 RGB (S, S, 3)."""
+def render_overlay(pred: dict, faces: np.ndarray, renderer=None, vertex_colors: np.ndarray | None = None) -> np.ndarray:
+    """The predicted mesh drawn over its crop (plain, or with per-vertex RGBA colours) -> uint8 RGB (S, S, 3)."""
     from .render import MeshRenderer, composite
 
     patch = pred["crop"]
@@ -192,7 +204,7 @@ def render_overlay(pred: dict, faces: np.ndarray, renderer=None) -> np.ndarray:
     own = renderer is None
     renderer = renderer or MeshRenderer(size)
     try:
-        rgba, _ = renderer.render(verts, faces, K)
+        rgba, _ = renderer.render(verts, faces, K, vertex_colors=vertex_colors)
     finally:
         if own:
             renderer.close()
@@ -207,8 +219,22 @@ def _png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+#: percentile of a prediction's per-vertex spread that the top of its colour scale marks
+SPREAD_COLOUR_PERCENTILE = 99.0
+
+
+def spread_colours(vertex_spread: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per-vertex RGBA uint8 colours of a spread map (0 dark, the 99th percentile bright) and that top."""
+    from .render import error_colors
+
+    vmax = max(float(np.percentile(vertex_spread, SPREAD_COLOUR_PERCENTILE)), 1e-6)
+    return error_colors(vertex_spread, vmax), vmax
+
+
 def write_outputs(pred: dict, faces: np.ndarray, out_dir: Path, stem: str, source: Path, renderer=None) -> list[Path]:
-    """Write <stem>.obj, <stem>.glb, <stem>_overlay.png and <stem>.json (each atomically)."""
+    """Write <stem>.obj, <stem>.glb, <stem>_overlay.png and <stem>.json (each atomically); with a
+    spread in ``pred`` (``predict(..., samples=K)``) also <stem>_spread.png (the mesh over the crop
+    coloured by per-vertex spread) and <stem>_spread.glb (the mesh with those colours)."""
     import trimesh
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -226,8 +252,19 @@ def write_outputs(pred: dict, faces: np.ndarray, out_dir: Path, stem: str, sourc
     }
     files = {f"{stem}.obj": mesh.export(file_type="obj").encode(),
              f"{stem}.glb": mesh.export(file_type="glb"),
-             f"{stem}_overlay.png": _png_bytes(render_overlay(pred, faces, renderer)),
-             f"{stem}.json": json.dumps(record, indent=1).encode()}
+             f"{stem}_overlay.png": _png_bytes(render_overlay(pred, faces, renderer))}
+    if "vertex_spread" in pred:
+        colours, vmax = spread_colours(pred["vertex_spread"])
+        record["uncertainty"] = {
+            **pred["uncertainty"], "spread_mm": float(pred["spread"]),
+            "meaning": "token sequences sampled from the predicted logits and decoded; per vertex, the mean "
+                       "distance (mm) of the sampled meshes (each centred on its vertex mean) to their mean",
+            "colour_scale_mm": [0.0, vmax], "vertex_spread_mm": [round(float(v), 3) for v in pred["vertex_spread"]]}
+        coloured = trimesh.Trimesh(pred["vertices"].astype(np.float64), np.asarray(faces), vertex_colors=colours,
+                                   process=False)
+        files[f"{stem}_spread.png"] = _png_bytes(render_overlay(pred, faces, renderer, vertex_colors=colours))
+        files[f"{stem}_spread.glb"] = coloured.export(file_type="glb")
+    files[f"{stem}.json"] = json.dumps(record, indent=1).encode()
     paths = []
     for name, data in files.items():
         atomic_write(out_dir / name, lambda f, data=data: f.write(data))
@@ -248,10 +285,11 @@ def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
 
 
 def run_demo(inputs: list[str | os.PathLike], predictor: Predictor, out_dir: str | os.PathLike, bbox=None,
-             progress: bool = True) -> dict[str, list]:
-    """Predict and write the outputs of every input image (folders: all their image files). A file
-    that cannot be read or cropped is skipped and reported; the others are finished. Returns
-    dict(ok: [(image, [written paths])], failed: [(image, reason)])."""
+             progress: bool = True, samples: int = 0) -> dict[str, list]:
+    """Predict and write the outputs of every input image (folders: all their image files); with
+    ``samples`` K > 0 also the token-sampling spread (``write_outputs``). A file that cannot be read
+    or cropped is skipped and reported; the others are finished. Returns dict(ok: [(image, [written
+    paths])], failed: [(image, reason)])."""
     from .render import MeshRenderer
 
     out_dir = Path(out_dir)
@@ -263,7 +301,7 @@ def run_demo(inputs: list[str | os.PathLike], predictor: Predictor, out_dir: str
     try:
         for path in tqdm(files, desc="demo", disable=not progress or len(files) < 2):
             try:
-                pred = predictor.predict(read_image(path), bbox)
+                pred = predictor.predict(read_image(path), bbox, samples)
             except ValueError as err:
                 report["failed"].append((path, str(err)))
                 continue
@@ -276,3 +314,45 @@ def run_demo(inputs: list[str | os.PathLike], predictor: Predictor, out_dir: str
         if renderer is not None:
             renderer.close()
     return report
+
+
+def demo_example(predictor: Predictor, arrays: dict[str, np.ndarray], index: int, samples: int = 0,
+                 name: str = "demo_example", results_dir: str | os.PathLike | None = None) -> Path:
+    """The demo run as a user would run it, on one rendered benchmark image: the crop ``index`` of
+    ``arrays`` is saved as a PNG under <results>/<name>/, ``run_demo`` writes its outputs next to
+    it, and a side-by-side figure (input | overlay [| spread overlay when ``samples`` > 0]) goes to
+    <results>/figures/<name>.png, whose path is returned. <results>: ``results_dir``, by default
+    results/<profile>/."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .figures import save_figure
+
+    results = Path(results_dir) if results_dir is not None else predictor.cfg.results_dir
+    out_dir = results / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    image = np.asarray(arrays["image"][index], dtype=np.uint8)
+    source = out_dir / f"test_{int(index):05d}.png"
+    atomic_write(source, lambda f: f.write(_png_bytes(image)))
+    report = run_demo([source], predictor, out_dir, progress=False, samples=samples)
+    if report["failed"]:
+        raise ValueError(f"demo failed on {source}: {report['failed'][0][1]}")
+    record = json.loads((out_dir / f"{source.stem}.json").read_text())
+    panels = [(image, f"input: test image #{int(index)}"),
+              (read_image(out_dir / f"{source.stem}_overlay.png"), "demo overlay")]
+    if samples > 0:
+        u = record["uncertainty"]
+        panels.append((read_image(out_dir / f"{source.stem}_spread.png"),
+                       f"token spread, {u['samples']} samples: {u['spread_mm']:.0f} mm\n"
+                       f"(colour scale 0–{u['colour_scale_mm'][1]:.0f} mm)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.5))
+    for ax, (img, title) in zip(axes, panels):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    path = save_figure(fig, results, name)
+    plt.close(fig)
+    return path
