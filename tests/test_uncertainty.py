@@ -258,6 +258,9 @@ def test_spread_vs_error_on_a_model(tiny_model, tmp_path):
     for i, ex in examples.items():
         assert ex["vertex_spread"].shape == (body.n_vertices,) and ex["canonical"].shape == (body.n_vertices, 3)
         assert ex["spread"] == pytest.approx(float(frame.loc[frame["index"] == i, "spread"].iloc[0]), rel=1e-4)
+    # the example meshes are the argmax predictions
+    preds = failures.predict_samples(model, vqvae, body, arrays, [5, 1], cfg, device)
+    assert np.allclose(examples[5]["canonical"], preds["canonical"][0], atol=1e-5)
     # without randomness there is no spread
     cold = unc.spread_vs_error(model, vqvae, body, arrays, cfg, device, UncertaintyConfig(samples=3, temperature=0.0),
                                batch_size=4, progress=False)
@@ -281,3 +284,10 @@ def test_oriented_prediction_equals_predict(tiny_model):
         want = model.predict(images, vqvae, body)
     for key in ("vertices", "canonical", "rotmat", "cam", "ids"):
         assert torch.equal(got[key], want[key]), key
+
+
+def test_typical_case_is_the_median_valid_image():
+    df = pd.DataFrame({"index": [10, 11, 12, 13, 14], "PVE": [5.0, 1.0, 3.0, 2.0, 100.0],
+                       "valid": [True, True, True, False, False]})
+    assert failures.typical_case(df) == 12  # valid PVEs 1, 3, 5: the median is image 12
+    assert failures.typical_case(df.assign(valid=False)) == 12  # none valid: median of all (1, 2, 3, 5, 100)

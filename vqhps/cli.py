@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+#: parts of `python -m vqhps bench` (vqhps.bench.PARTS; repeated here so --help needs no torch)
+_BENCH_PARTS = ("rendering", "ceiling", "vqhps", "data", "mesh_vqvae")
 
 
 # ----------------------------------------------------------------------------- --set overrides
@@ -167,22 +169,59 @@ def _train_vae(args) -> int:
     return 0
 
 
+def _with_compile(args) -> None:
+    """``--compile/--no-compile`` as a ``--set runtime.compile=...`` override (passed on to workers)."""
+    if getattr(args, "compile", None) is not None:
+        args.set = [*args.set, f"runtime.compile={str(args.compile).lower()}"]
+
+
 def _bench(args) -> int:
-    from .bench import bench_mesh_vqvae, bench_rendering, write_bench
+    from .bench import BenchSettings, format_rows, run_bench, write_bench
     from .body import load_body
     from .train import device_of
 
+    _with_compile(args)
     cfg = _config(args)
     device = device_of(cfg.runtime)
+    settings = BenchSettings.for_device(device, parts=tuple(args.only) if args.only else None,
+                                        inference_batch=args.batch, warmup=args.warmup, iters=args.iters)
     body = load_body(cfg)
-    rows = bench_rendering(cfg, body, n=64 if device.type == "cuda" else 32)
-    rows += bench_mesh_vqvae(cfg, body, device, batch=256 if device.type == "cuda" else 8,
-                             iters=10 if device.type == "cuda" else 2)
-    path = write_bench(rows, cfg.results_dir / "bench", "bench")
-    for row in rows:
-        print(f"{row['what']:28s} {row['precision']:5s} batch {row['batch']:4d}: {row['items_per_s']:9.1f} /s")
+    rows, summary = run_bench(cfg, body, device, settings)
+    path = write_bench(rows, cfg.results_dir / "bench", "bench", extra=summary)
+    print(format_rows(rows))
+    for key in ("inference_ratio_to_ceiling", "training_ratio_to_ceiling"):
+        if summary[key] is not None:
+            print(f"{key}: {summary[key]:.3f}")
     print(f"written: {path}")
     return 0
+
+
+def _bench_ddp(args) -> int:
+    from .bench import format_rows, write_bench
+    from .bench_ddp import run_scaling, scaling_worker
+
+    _with_compile(args)
+    cfg = _config(args)
+    cuda = cfg.runtime.device.startswith("cuda") or (cfg.runtime.device == "auto" and _cuda_available())
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    iters = args.iters if args.iters is not None else (10 if cuda else 2)
+    batch = args.batch or cfg.vqhps.batch_size
+    if args.worker_out is not None:  # one process of the torchrun job that run_scaling launches
+        _join(cfg)
+        scaling_worker(cfg, batch, warmup, iters, args.worker_out)
+        return 0
+    rows, summary = run_scaling(args.profile, args.set, args.nproc, batch, warmup, iters)
+    path = write_bench(rows, cfg.results_dir / "bench", "bench_ddp", extra=summary)
+    print(format_rows(rows))
+    print(f"speed-up on {args.nproc} processes: {summary['speedup']:.2f}x (global batch "
+          f"{batch} -> {batch * args.nproc}); written: {path}")
+    return 0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _train(args) -> int:
@@ -294,7 +333,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "name, e.g. vqhps_3d_loss, vqhps_no_reprojection, vqhps_pretrain_vqvae, trains that ablation)")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resumable)")
 
-    command("bench", _bench, "measure rendering and Mesh-VQ-VAE throughput; JSON + CSV under results/<profile>/bench/")
+    p = command("bench", _bench, "throughput of VQ-HPS against its two-ResNet-50 ceiling, of its input pipeline, "
+                "the Mesh-VQ-VAE and rendering; JSON + CSV under results/<profile>/bench/")
+    p.add_argument("--only", nargs="+", metavar="PART", choices=_BENCH_PARTS,
+                   help=f"parts to run (default all): {' '.join(_BENCH_PARTS)}")
+    p.add_argument("--batch", type=int, default=None, help="inference batch (default 256 on a GPU, 8 on the CPU); "
+                   "training uses vqhps.batch_size")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls before each measurement")
+    p.add_argument("--iters", type=int, default=None, help="timed calls per measurement (the median is kept)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="override runtime.compile (compiled backbones on CUDA)")
+
+    p = command("bench-ddp", _bench_ddp, "VQ-HPS training images/s on 1 and N processes (DDP) with the same "
+                "per-process batch; JSON + CSV under results/<profile>/bench/")
+    p.add_argument("--nproc", type=int, default=2, help="processes (GPUs) to compare with one")
+    p.add_argument("--batch", type=int, default=None, help="images per process and step (default vqhps.batch_size)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3 on a GPU, 1 on the CPU)")
+    p.add_argument("--iters", type=int, default=None, help="timed steps (default 10 on a GPU, 2 on the CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="override runtime.compile (compiled backbones on CUDA)")
+    p.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
 
     p = command("demo", _demo, "run a trained VQ-HPS on an image or a folder of images")
     p.add_argument("input", help="an image file or a folder of images")

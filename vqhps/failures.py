@@ -277,3 +277,12 @@ def failure_analysis_markdown(per_sample: pd.DataFrame, method: str = "VQ-HPS", 
                          "describes the canonical mesh only.")
         lines.append(text)
     return "\n\n".join(lines)
+
+
+def typical_case(per_sample: pd.DataFrame, metric: str = "PVE") -> int:
+    """Index of the valid sample (any sample when none is valid) with the median ``metric``: an
+    image chosen by a rule, neither the best nor the worst."""
+    valid = per_sample[per_sample["valid"].astype(bool)]
+    pool = valid if len(valid) else per_sample
+    ordered = pool.sort_values(metric, kind="stable")
+    return int(ordered["index"].iloc[(len(ordered) - 1) // 2])

@@ -169,15 +169,17 @@ def spread_examples(model, vqvae, body, arrays: dict[str, np.ndarray], indices: 
     for start in sorted({int(i) // bs * bs for i in indices}):
         part = {k: v[start:min(start + bs, n)] for k, v in arrays.items()}
         for batch in iterate_split(part, body, cfg, device, bs, progress=False):
-            batch["index"] = batch["index"] + start
             with autocast(device, cfg.runtime.amp):
-                pred, ids = _sample_batch(model, vqvae, body, batch, cfg, ucfg)
-            rows = [j for j, i in enumerate(batch["index"].tolist()) if i in set(map(int, indices))]
+                logits = model(batch["image"])["logits"]  # no decoding: only the chosen rows are decoded
+            gen = batch_generator(cfg, ucfg, start, logits.device)
+            ids = sample_tokens(logits, ucfg.samples, ucfg.temperature, ucfg.top_k, gen)
+            rows = [j for j, i in enumerate(batch["index"].tolist()) if i + start in set(map(int, indices))]
             ts = spread_of_ids(vqvae, ids[:, rows])
+            with torch.autocast(logits.device.type, enabled=False):
+                canonical = vqvae.decode(logits[rows].float().argmax(dim=-1)).float()
             for r, j in enumerate(rows):
-                found[int(batch["index"][j])] = {"vertex_spread": ts.vertex[r].cpu().numpy(),
-                                                 "spread": float(ts.spread[r]),
-                                                 "canonical": pred["canonical"][j].cpu().numpy()}
+                found[start + j] = {"vertex_spread": ts.vertex[r].cpu().numpy(), "spread": float(ts.spread[r]),
+                                    "canonical": canonical[r].cpu().numpy()}
     return {int(i): found[int(i)] for i in indices}
 
 
