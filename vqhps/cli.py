@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=0, metavar="K",
                    help="also sample K token sequences from the logits and write their per-vertex spread (mm) "
                         "to the JSON and a spread-coloured overlay and mesh (default 0: off; temperature and "
-                        "top-k from --set uncertainty.temperature=... uncertainty.top_k=...)")
+                        "top-k: --set uncertainty.temperature=T --set uncertainty.top_k=N)")
 
     p = command("reproduce", _reproduce, "run notebooks/0*.ipynb in order with papermill", overrides=False)
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for the training notebooks")
