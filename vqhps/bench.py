@@ -1,14 +1,37 @@
 """Throughput benchmarks (``python -m vqhps bench``): each figure is measured in the same run as its
-baseline and written as JSON + CSV under results/<profile>/bench/."""
+baseline and written as JSON + CSV under results/<profile>/bench/.
+
+The baseline is the *ceiling*: VQ-HPS's two ResNet-50 backbones alone, at the batch, precision,
+memory format and compilation that VQ-HPS runs with. Inference rows are divided by the ceiling's
+inference rate, training (and input-pipeline) rows by its training rate, so a ratio of 0.8 says
+that everything VQ-HPS adds to its backbones (heads, transformer, Mesh-VQ-VAE, losses, input)
+costs 20% of their throughput.
+"""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import itertools
 import json
+import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+import numpy as np
 import pandas as pd
 import torch
+from torch import nn
+
+#: parts of ``python -m vqhps bench``; they run in this order whatever order ``--only`` names them in
+PARTS = ("rendering", "ceiling", "vqhps", "data", "mesh_vqvae")
+#: leading columns of a benchmark table, in this order (rows may add their own after them)
+COLUMNS = ("what", "kind", "items_per_s", "ratio_to_ceiling", "ms_per_batch", "peak_mb", "batch", "precision",
+           "compiled", "channels_last", "torch", "device")
+#: row kind -> the ceiling row its ``ratio_to_ceiling`` divides by
+CEILING_OF = {"inference": "resnet50_x2_inference", "training": "resnet50_x2_train_step",
+              "input": "resnet50_x2_train_step"}
 
 
 def timed(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 10) -> float:
@@ -31,7 +54,8 @@ def _peak_mb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
 
 
-def bench_mesh_vqvae(cfg, body, device: torch.device, batch: int = 256, iters: int = 10) -> list[dict]:
+def bench_mesh_vqvae(cfg, body, device: torch.device, batch: int = 256, iters: int = 10,
+                     warmup: int = 3) -> list[dict]:
     """Mesh-VQ-VAE encode+decode meshes/s in fp32 and bf16, and its training step."""
     from vqhps.data.corpus import corpus_batch
     from vqhps.vqvae_training import build_mesh_vqvae
@@ -50,13 +74,13 @@ def bench_mesh_vqvae(cfg, body, device: torch.device, batch: int = 256, iters: i
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 model.decode(model.encode(meshes))
 
-        sec = timed(roundtrip, device, iters=iters)
+        sec = timed(roundtrip, device, warmup=warmup, iters=iters)
         rows.append({"what": "mesh_vqvae_encode_decode", "precision": precision, "batch": batch,
                      "items_per_s": batch / sec, "ms_per_batch": 1000 * sec, "peak_mb": _peak_mb(device)})
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     train_batch = cfg.vqvae.batch_size
-    x = meshes[:train_batch]
+    x = corpus_batch(body, "train", 2, train_batch, cfg.seed, device)
     for precision in ("fp32", "bf16"):
         amp = precision == "bf16" and device.type == "cuda"
 
@@ -69,10 +93,11 @@ def bench_mesh_vqvae(cfg, body, device: torch.device, batch: int = 256, iters: i
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        sec = timed(step, device, iters=iters)
+        sec = timed(step, device, warmup=warmup, iters=iters)
         rows.append({"what": "mesh_vqvae_train_step", "precision": precision, "batch": train_batch,
                      "items_per_s": train_batch / sec, "ms_per_batch": 1000 * sec, "peak_mb": _peak_mb(device)})
-    sec = timed(lambda: corpus_batch(body, "train", 1, train_batch, cfg.seed, device), device, iters=iters)
+    sec = timed(lambda: corpus_batch(body, "train", 1, train_batch, cfg.seed, device), device, warmup=warmup,
+                iters=iters)
     rows.append({"what": "mesh_corpus_batch", "precision": "fp32", "batch": train_batch,
                  "items_per_s": train_batch / sec, "ms_per_batch": 1000 * sec, "peak_mb": float("nan")})
     return rows
@@ -85,7 +110,9 @@ def write_bench(rows: list[dict], out_dir: Path, name: str, extra: dict | None =
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"environment": environment_facts(), **(extra or {}), "rows": rows}
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2))
-    pd.DataFrame(rows).to_csv(out_dir / f"{name}.csv", index=False)
+    table = pd.DataFrame(rows)
+    lead = [c for c in COLUMNS if c in table.columns]
+    table[lead + [c for c in table.columns if c not in lead]].to_csv(out_dir / f"{name}.csv", index=False)
     return out_dir / f"{name}.json"
 
 
@@ -107,3 +134,338 @@ def bench_rendering(cfg, body, n: int = 64, split: str = "train") -> list[dict]:
     return [{"what": "benchmark_rendering_one_process", "precision": "-", "batch": n,
              "items_per_s": n / sec, "ms_per_batch": 1000 * sec, "peak_mb": float("nan"),
              "crop_size": cfg.data.crop_size, "render_size": cfg.data.render_size}]
+
+
+# ---------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class BenchSettings:
+    """What one ``bench`` run measures: the ``parts`` (of PARTS), the inference batch (training
+    batches are cfg.vqhps.batch_size), warm-up and timed calls per row (the median is reported),
+    benchmark images rendered and the Mesh-VQ-VAE batch."""
+
+    parts: tuple[str, ...] = PARTS
+    inference_batch: int = 256
+    warmup: int = 3
+    iters: int = 10
+    render_images: int = 64
+    vqvae_batch: int = 256
+
+    @classmethod
+    def for_device(cls, device: torch.device, **overrides) -> "BenchSettings":
+        """GPU defaults, or a short CPU run; ``overrides`` that are None keep the default."""
+        base = cls() if device.type == "cuda" else cls(inference_batch=8, warmup=1, iters=2, render_images=32,
+                                                      vqvae_batch=8)
+        settings = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        unknown = sorted(set(settings.parts) - set(PARTS))
+        if unknown or not settings.parts:
+            raise ValueError(f"unknown bench part(s) {unknown or '(none given)'}; choose from {list(PARTS)}")
+        if min(settings.inference_batch, settings.iters, settings.render_images, settings.vqvae_batch) < 1 \
+                or settings.warmup < 0:
+            raise ValueError(f"bench settings must be positive (warmup may be 0): {settings}")
+        return settings
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def run_facts(cfg, device: torch.device) -> dict:
+    """Columns every VQ-HPS and ceiling row carries: how the models ran (as ``prepare_model`` and the
+    training loop run them) and where."""
+    cuda = device.type == "cuda"
+    return {"precision": "bf16" if cfg.runtime.amp and cuda else "fp32",
+            "compiled": bool(cfg.runtime.compile and cuda), "channels_last": bool(cfg.runtime.channels_last),
+            "torch": torch.__version__, "device": device_name(device)}
+
+
+def _row(what: str, kind: str, batch: int, sec: float, device: torch.device, facts: dict, **extra) -> dict:
+    return {"what": what, "kind": kind, "items_per_s": batch / sec, "ratio_to_ceiling": None,
+            "ms_per_batch": 1000 * sec, "peak_mb": _peak_mb(device), "batch": batch, **facts, **extra}
+
+
+def _measure(fn: Callable[[], object], device: torch.device, s: BenchSettings) -> float:
+    """Median seconds per call, the peak-memory counter reset first."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return timed(fn, device, warmup=s.warmup, iters=s.iters)
+
+
+@contextlib.contextmanager
+def static_shapes(compiled: bool) -> Iterator[None]:
+    """For compiled parts: a fresh compile cache, and one static graph per batch shape. A training run
+    sees one shape; without this, the second batch size the bench shows a compiled backbone would
+    recompile it for dynamic shapes, which training never uses."""
+    if not compiled:
+        yield
+        return
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    patch = {"automatic_dynamic_shapes": False}
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    if hasattr(torch._dynamo.config, limit):
+        patch[limit] = max(getattr(torch._dynamo.config, limit), 32)
+    with torch._dynamo.config.patch(**patch):
+        yield
+
+
+def _release(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_images(cfg, batch: int, device: torch.device, offset: int = 0) -> torch.Tensor:
+    """A normalised (B, 3, S, S) image batch already on the device, in the configured memory format
+    (random: the throughput does not depend on the content)."""
+    size = cfg.data.crop_size
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(cfg.seed + offset)).to(device)
+    return x.contiguous(memory_format=torch.channels_last) if cfg.runtime.channels_last else x
+
+
+def random_split_arrays(cfg, body, n: int, seed: int | None = None) -> dict[str, np.ndarray]:
+    """An in-memory split of ``n`` samples shaped like the rendered benchmark's (uint8 crops of the
+    profile's size, 2D joints, root rotations) with real pose-library poses and phenotypes (the
+    benchmark's own draw for its first training shard), so no rendering is needed."""
+    from .data import synthetic
+    from .geometry import random_rotations
+
+    seed = cfg.seed if seed is None else seed
+    spec = dataclasses.replace(synthetic.make_spec(cfg, "train", body.identifier()), n=n, shard_size=n)
+    _, params = synthetic.shard_parameters(spec, 0)
+    rng = np.random.default_rng([seed, 0xBE7C])
+    size = cfg.data.crop_size
+    return {
+        "image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+        "joints2d_24": rng.uniform(0, size - 1, (n, 24, 2)).astype(np.float32),
+        "joints2d_17": rng.uniform(0, size - 1, (n, 17, 2)).astype(np.float32),
+        "root_rot": random_rotations(n, torch.Generator().manual_seed(seed)).numpy(),
+        "pose": params["pose"], "shape": params["shape"], "valid": np.ones(n, dtype=bool),
+    }
+
+
+# ---------------------------------------------------------------------------------------- ceiling
+class BackbonePair(nn.Module):
+    """VQ-HPS's two ResNet-50s and nothing else: the ceiling. Same attribute names as ``VQHPS``, so
+    ``prepare_model`` compiles them the same way."""
+
+    def __init__(self) -> None:
+        from .models.backbone import resnet50_backbone
+
+        super().__init__()
+        self.rot_backbone = resnet50_backbone()
+        self.mesh_backbone = resnet50_backbone()
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, _ = self.rot_backbone(images)
+        _, spatial = self.mesh_backbone(images)
+        return pooled, spatial
+
+
+def bench_ceiling(cfg, body, device: torch.device, s: BenchSettings) -> list[dict]:
+    """Two ResNet-50 passes per image: inference (eval, no grad) at the inference batch, and a
+    training step (train mode, forward + backward + fused AdamW over both) at cfg.vqhps.batch_size."""
+    from .hps_training import prepare_model
+    from .train import autocast
+
+    facts = run_facts(cfg, device)
+    rows = []
+    with static_shapes(facts["compiled"]):
+        torch.manual_seed(cfg.seed)
+        pair = prepare_model(BackbonePair(), cfg, device).eval()
+        images = bench_images(cfg, s.inference_batch, device)
+
+        def infer():
+            with torch.no_grad(), autocast(device, cfg.runtime.amp):
+                return pair(images)
+
+        sec = _measure(infer, device, s)
+        rows.append(_row("resnet50_x2_inference", "inference", s.inference_batch, sec, device, facts))
+        pair.train()
+        bs = cfg.vqhps.batch_size
+        x = bench_images(cfg, bs, device, offset=1)
+        opt = torch.optim.AdamW(pair.parameters(), lr=cfg.vqhps.lr, weight_decay=cfg.vqhps.weight_decay,
+                                fused=device.type == "cuda")
+
+        def step():
+            with autocast(device, cfg.runtime.amp):
+                pooled, spatial = pair(x)
+                loss = pooled.float().mean() + spatial.float().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        sec = _measure(step, device, s)
+        rows.append(_row("resnet50_x2_train_step", "training", bs, sec, device, facts))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- VQ-HPS
+@dataclass
+class TrainingRig:
+    """Everything a VQ-HPS training step needs, built as ``train_vqhps`` builds it."""
+
+    model: nn.Module
+    wrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: Callable
+    batch_fn: Callable[[int], dict]
+    amp: bool
+
+    def step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        """One optimisation step exactly as the training loop takes it."""
+        from .train import train_step
+
+        return train_step(self.wrapped, self.model, self.optimizer, self.scheduler, batch, self.loss_fn, step,
+                          self.amp)
+
+
+def vqhps_training_rig(cfg, body, vqvae, device: torch.device, global_batch: int, n_images: int) -> TrainingRig:
+    """A fresh VQ-HPS (random weights) prepared as training prepares it (channels_last, compiled
+    backbones, DDP under torchrun), its AdamW + StepLR, the VQ-HPS loss and ``benchmark_batches`` over
+    ``n_images`` random samples with global batch ``global_batch``."""
+    from .hps_training import (Schedule, benchmark_batches, build_vqhps, prepare_model, schedule_optimizer,
+                               vqhps_config, vqhps_loss_fn)
+    from .train import wrap_ddp
+
+    hcfg = vqhps_config(cfg, backbone_weights=None)
+    arrays = random_split_arrays(cfg, body, n_images)
+    batch_fn = benchmark_batches(cfg, arrays, body, device, augment=True, batch_size=global_batch)
+    torch.manual_seed(cfg.seed)
+    model = prepare_model(build_vqhps(hcfg, body, vqvae), cfg, device).train()
+    optimizer, scheduler = schedule_optimizer(model.parameters(), Schedule.of(hcfg), batch_fn.steps_per_epoch,
+                                              device)
+    return TrainingRig(model, wrap_ddp(model), optimizer, scheduler, vqhps_loss_fn(vqvae, body, hcfg), batch_fn,
+                       cfg.runtime.amp)
+
+
+def bench_vqhps(cfg, body, device: torch.device, s: BenchSettings) -> list[dict]:
+    """VQ-HPS end to end with random weights and a fresh Mesh-VQ-VAE: inference (normalised images on
+    the device -> oriented mesh vertices, the ``vqhps_predictor`` path) at the inference batch, and the
+    training step at cfg.vqhps.batch_size, alone (one prepared batch reused) and with its input
+    (``benchmark_batches``: pinned copy, augmentation, ground-truth posing), as training runs it."""
+    from .hps_training import build_vqhps, prepare_model, vqhps_config, vqhps_predictor
+    from .train import autocast
+    from .vqvae_training import build_mesh_vqvae
+
+    facts = run_facts(cfg, device)
+    body = body.to(device)
+    vqvae = build_mesh_vqvae(cfg, body).to(device).eval()
+    rows = []
+    with static_shapes(facts["compiled"]):
+        torch.manual_seed(cfg.seed)
+        model = prepare_model(build_vqhps(vqhps_config(cfg, backbone_weights=None), body, vqvae), cfg, device).eval()
+        predict = vqhps_predictor(vqvae, body)(model)
+        images = bench_images(cfg, s.inference_batch, device)
+
+        def infer():
+            with torch.no_grad(), autocast(device, cfg.runtime.amp):
+                return predict({"image": images})["vertices"]
+
+        sec = _measure(infer, device, s)
+        rows.append(_row("vqhps_inference", "inference", s.inference_batch, sec, device, facts))
+
+        bs = cfg.vqhps.batch_size
+        rig = vqhps_training_rig(cfg, body, vqvae, device, bs, n_images=4 * bs)
+        fixed = rig.batch_fn(0)
+        sec = _measure(lambda: rig.step(fixed, 0), device, s)
+        rows.append(_row("vqhps_train_step", "training", bs, sec, device, facts))
+        steps = itertools.count(1)
+
+        def step_with_input():
+            k = next(steps)
+            return rig.step(rig.batch_fn(k), k)
+
+        sec = _measure(step_with_input, device, s)
+        rows.append(_row("vqhps_train_step_with_input", "training", bs, sec, device, facts))
+    return rows
+
+
+def bench_data(cfg, body, device: torch.device, s: BenchSettings) -> list[dict]:
+    """The input side alone: ``benchmark_batches(...)(step)`` over an in-memory split of random uint8
+    crops (pinned host->device copy, augmentation, normalisation, ground-truth mesh posing)."""
+    from .hps_training import benchmark_batches
+
+    body = body.to(device)
+    bs = cfg.vqhps.batch_size
+    batch_fn = benchmark_batches(cfg, random_split_arrays(cfg, body, 4 * bs), body, device, augment=True,
+                                 batch_size=bs)
+    steps = itertools.count()
+    sec = _measure(lambda: batch_fn(next(steps))["image"], device, s)
+    facts = {**run_facts(cfg, device), "precision": "fp32", "compiled": False}
+    return [_row("data_pipeline", "input", bs, sec, device, facts)]
+
+
+def _annotated(rows: list[dict], kind: str, device: torch.device) -> list[dict]:
+    """Rows of the rendering and Mesh-VQ-VAE benchmarks with the common columns (no ceiling ratio:
+    they are not VQ-HPS rows)."""
+    out = []
+    for r in rows:
+        out.append({"what": r["what"], "kind": kind, "items_per_s": r["items_per_s"], "ratio_to_ceiling": None,
+                    **r, "compiled": False, "channels_last": False, "torch": torch.__version__,
+                    "device": device_name(device)})
+    return out
+
+
+_PART_RUNNERS: dict[str, Callable[..., list[dict]]] = {
+    "rendering": lambda cfg, body, device, s: _annotated(bench_rendering(cfg, body, n=s.render_images),
+                                                         "rendering", device),
+    "ceiling": bench_ceiling,
+    "vqhps": bench_vqhps,
+    "data": bench_data,
+    "mesh_vqvae": lambda cfg, body, device, s: _annotated(
+        bench_mesh_vqvae(cfg, body, device, batch=s.vqvae_batch, iters=s.iters, warmup=s.warmup), "mesh_vqvae",
+        device),
+}
+
+
+def attach_ratios(rows: list[dict]) -> dict:
+    """Set each row's ``ratio_to_ceiling`` (items/s over the rate of the ceiling row of its kind, see
+    CEILING_OF; None without a ceiling in the same run) and return the headline ratios."""
+    rates = {r["what"]: r["items_per_s"] for r in rows if r["what"] in CEILING_OF.values()}
+    for r in rows:
+        base = rates.get(CEILING_OF.get(r["kind"], ""))
+        r["ratio_to_ceiling"] = r["items_per_s"] / base if base else None
+    ratio = {r["what"]: r["ratio_to_ceiling"] for r in rows}
+    return {"inference_ratio_to_ceiling": ratio.get("vqhps_inference"),
+            "training_ratio_to_ceiling": ratio.get("vqhps_train_step_with_input"),
+            "training_step_only_ratio_to_ceiling": ratio.get("vqhps_train_step")}
+
+
+RATIO_DEFINITION = ("ratio_to_ceiling = items_per_s / the same run's ceiling rate (two ResNet-50 passes per image "
+                    "at the same batch, precision, memory format and compilation): inference rows over "
+                    "resnet50_x2_inference, training rows and the input pipeline over resnet50_x2_train_step. "
+                    "training_ratio_to_ceiling is the training step with its input (what a training run "
+                    "achieves); training_step_only_ratio_to_ceiling reuses one prepared batch.")
+
+
+def run_bench(cfg, body, device: torch.device, settings: BenchSettings) -> tuple[list[dict], dict]:
+    """Run the selected parts (in PARTS order) in this process; returns (rows, summary) with the
+    ceiling ratios attached."""
+    from tqdm.auto import tqdm
+
+    rows: list[dict] = []
+    selected = [p for p in PARTS if p in settings.parts]
+    for part in tqdm(selected, desc="bench", leave=False, disable=not cfg.runtime.progress):
+        rows += _PART_RUNNERS[part](cfg, body, device, settings)
+        _release(device)
+    summary = attach_ratios(rows)
+    summary.update(ratio_definition=RATIO_DEFINITION, inference_batch=settings.inference_batch,
+                   training_batch=cfg.vqhps.batch_size, settings=dataclasses.asdict(settings))
+    return rows, summary
+
+
+def format_rows(rows: list[dict]) -> str:
+    """One line per row: what, batch, precision, rate and ratio to the ceiling."""
+    lines = []
+    for r in rows:
+        ratio = "" if r.get("ratio_to_ceiling") is None else f"  {r['ratio_to_ceiling']:.2f}x ceiling"
+        lines.append(f"{r['what']:32s} {r['precision']:5s} batch {r['batch']:4d}: {r['items_per_s']:9.1f} /s"
+                     f"  {r['ms_per_batch']:8.1f} ms{ratio}")
+    return "\n".join(lines)

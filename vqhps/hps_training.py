@@ -114,6 +114,17 @@ def _epoch_ended(done: int, log_every: int, steps_per_epoch: int) -> bool:
     return done // steps_per_epoch > max(done - log_every, 0) // steps_per_epoch
 
 
+def schedule_optimizer(params, schedule: Schedule, steps_per_epoch: int, device: torch.device
+                       ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.StepLR]:
+    """AdamW (fused on CUDA) over the trainable ``params`` and its StepLR, as ``fit`` trains with."""
+    params = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(schedule.lr_step_epochs * steps_per_epoch, 1),
+                                                gamma=schedule.lr_gamma)
+    return optimizer, scheduler
+
+
 def fit(cfg, name: str, model: torch.nn.Module, loss_fn, schedule: Schedule, train_arrays: dict, body,
         meta: dict, *, params: list[torch.nn.Parameter] | None = None, augment: bool = True,
         stop_after: int | None = None, predictor: Callable[[torch.nn.Module], ModelFn] | None = None,
@@ -127,11 +138,8 @@ def fit(cfg, name: str, model: torch.nn.Module, loss_fn, schedule: Schedule, tra
     batch_fn = benchmark_batches(cfg, train_arrays, body, device, augment, schedule.batch_size)
     spe = batch_fn.steps_per_epoch
     total = schedule.epochs * spe
-    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay,
-                                  fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(schedule.lr_step_epochs * spe, 1),
-                                                gamma=schedule.lr_gamma)
+    optimizer, scheduler = schedule_optimizer(params if params is not None else model.parameters(), schedule,
+                                              spe, device)
     eval_fn = None
     if predictor is not None and val_arrays is not None:
         log_every = cfg.runtime.log_every
