@@ -103,8 +103,8 @@ class VQVAEConfig:
     dead_code_threshold: float = 1e-3
     batch_size: int = 64
     lr: float = 1e-3
-    pretrain_steps: int = 5_000
-    finetune_steps: int = 1_500
+    pretrain_steps: int = 10_000
+    finetune_steps: int = 2_500
     finetune_lr: float = 2e-4
 
 

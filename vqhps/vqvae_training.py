@@ -32,6 +32,15 @@ def build_mesh_vqvae(cfg, body) -> MeshVQVAE:
     return MeshVQVAE(body.template.cpu(), hierarchy, cfg.vqvae, body_id=body.identifier())
 
 
+def compile_for(model: MeshVQVAE, cfg, device: torch.device) -> MeshVQVAE:
+    """Per cfg.runtime.compile, on CUDA: compile the encoder and decoder in place (the quantiser's
+    data-dependent codebook updates stay eager; state-dict keys are unchanged)."""
+    if cfg.runtime.compile and torch.device(device).type == "cuda":
+        model.encoder.compile()
+        model.decoder.compile()
+    return model
+
+
 def compatibility(model: MeshVQVAE) -> dict:
     """What a checkpoint must share with the model to be loaded (not the training schedule)."""
     meta = model.checkpoint_meta()
@@ -73,6 +82,7 @@ def train_stage(cfg, body, stage: str, stop_after: int | None = None,
         def batch_fn(step: int) -> torch.Tensor:
             idx = torch.as_tensor(rank_slice(step_indices(len(pose), v.batch_size, step, cfg.seed)))
             return canonical_targets(body, pose[idx].to(device), shape[idx].to(device))
+    compile_for(model, cfg, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1),
                                                     pct_start=0.05, anneal_strategy="cos")
@@ -92,7 +102,7 @@ def load_mesh_vqvae(cfg, body, stage: str = "finetune", device: torch.device | s
     model = build_mesh_vqvae(cfg, body)
     state = load_checkpoint(checkpoint_dir(cfg) / f"mesh_vqvae_{stage}.pt", expect=compatibility(model))
     model.load_state_dict(state["model"])
-    return model.to(device).eval()
+    return compile_for(model.to(device).eval(), cfg, device)
 
 
 @torch.no_grad()
