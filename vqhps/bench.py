@@ -161,7 +161,8 @@ class BenchSettings:
             raise ValueError(f"unknown bench part(s) {unknown or '(none given)'}; choose from {list(PARTS)}")
         if min(settings.inference_batch, settings.iters, settings.render_images, settings.vqvae_batch) < 1 \
                 or settings.warmup < 0:
-            raise ValueError(f"bench settings must be positive (warmup may be 0): {settings}")
+            raise ValueError(f"bench: --batch and --iters (and the render and Mesh-VQ-VAE batches) must be at "
+                             f"least 1 and --warmup at least 0; got {settings}")
         return settings
 
 
