@@ -150,6 +150,15 @@ class AblationConfig:
 
 
 @dataclass
+class BaselineConfig:
+    """Table 1's baselines (HMR, CLIFF, FastMETRO): trained with VQ-HPS's data, backbone settings,
+    augmentation and optimiser (``cfg.vqhps``); only their number of epochs may differ."""
+
+    #: epochs of each baseline; None = ``vqhps.epochs`` (the full profile: the same as VQ-HPS)
+    epochs: int | None = None
+
+
+@dataclass
 class RuntimeConfig:
     """How code runs: device, mixed precision, compilation, logging."""
 
@@ -183,6 +192,7 @@ class Config:
     hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)
     vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
     vqhps: VQHPSConfig = field(default_factory=VQHPSConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
@@ -226,6 +236,7 @@ def smoke() -> Config:
                           finetune_lr=5e-4),
         vqhps=VQHPSConfig(d_model=128, n_heads=4, mlp_hidden=256, batch_size=16, epochs=3, lr_step_epochs=2, lr=1e-3,
                           rot_hidden=256, refine_epochs=1, refine_lr=1e-3),
+        baselines=BaselineConfig(epochs=2),  # 3 baselines within notebook 04's 3-minute smoke budget
         runtime=RuntimeConfig(device="cpu", amp=False, compile=False, channels_last=False, log_every=10, ckpt_every=100),
         uncertainty=UncertaintyConfig(samples=4),
     )
