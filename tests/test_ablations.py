@@ -4,6 +4,7 @@ Mesh-VQ-VAE gives other tokens, tiny runs train/resume/refuse the wrong Mesh-VQ-
 CLI), Table 2's layout and units (oracles with hand-computed errors), and Fig. 5 is a real PNG."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import shutil
 
@@ -171,6 +172,11 @@ def test_runs_train_under_their_own_names_with_their_settings(trained, body, vqv
     with pytest.raises(CheckpointMismatch, match="pretrain"):
         H.load_vqhps(results["vqhps_pretrain_vqvae"].checkpoint, cfg, body, vqvaes["finetune"])
     assert A.schedule_differences(cfg) == {}  # the tiny "main run" had the ablations' single epoch
+    assert "exactly as notebook 03" in A.schedule_note(cfg)
+    longer = copy.deepcopy(cfg)
+    longer.ablation.epochs = 2
+    assert A.schedule_differences(longer) == {"epochs": (1, 2)}
+    assert "epochs 1 (ablations: 2)" in A.schedule_note(longer)
 
 
 def test_cli_trains_an_ablation_by_name(tmp_path, monkeypatch, smoke_artifacts):

@@ -98,6 +98,20 @@ def schedule_differences(cfg) -> dict[str, tuple[Any, Any]]:
     return {k: (main.get(k), v) for k, v in mine.items() if k not in changed and main.get(k) != v}
 
 
+def schedule_note(cfg) -> str:
+    """One sentence: the ablations' schedule and how notebook 03's VQ-HPS was trained otherwise."""
+    n = ablation_epochs(cfg)
+    diffs = schedule_differences(cfg)
+    head = f"Ablations and their reference train {n} epoch{'s' if n != 1 else ''} each"
+    if not hps.vqhps_checkpoint(cfg, FULL_MODEL).is_file():
+        return f"{head}; notebook 03's VQ-HPS checkpoint is not there yet."
+    if not diffs:
+        return f"{head}, exactly as notebook 03's VQ-HPS was trained (same settings)."
+    parts = ", ".join(f"{k} {main} (ablations: {mine})" for k, (main, mine) in diffs.items())
+    return (f"{head}; notebook 03's VQ-HPS differs in {parts}, so compare the ablations with "
+            f"\"{REFERENCE.label}\", the unchanged model trained like them.")
+
+
 def load_vqvaes(cfg, body, device: torch.device | str = "cpu", stages: tuple[Stage, ...] = ("finetune", "pretrain")
                 ) -> dict[str, torch.nn.Module]:
     """{stage: frozen Mesh-VQ-VAE} (notebook 01 writes both checkpoints)."""
@@ -196,9 +210,9 @@ def hurts_most(table: pd.DataFrame, subset: str = "full") -> str:
     mean = ((rows.loc[ablated] / base - 1.0) * 100.0).mean(axis=1).sort_values(ascending=False)
     worst = mean.index[0]
     parts = ", ".join(f"{label} {mean[label]:+.1f}%" for label in mean.index)
+    detail = ", ".join(f"{m} {rows.loc[worst, m]:.1f} against {base[m]:.1f} mm" for m in METRIC_COLUMNS)
     return (f"On the {subset} test split, mean relative change of PVE, MPJPE and PA-MPJPE against "
-            f"\"{base_label}\": {parts}. The ablation that hurts most is \"{worst}\" (PVE "
-            f"{rows.loc[worst, 'PVE']:.1f} mm against {base['PVE']:.1f} mm).")
+            f"\"{base_label}\": {parts}. The ablation that hurts most is \"{worst}\" ({detail}).")
 
 
 # ---------------------------------------------------------------------------------------- Fig. 5
