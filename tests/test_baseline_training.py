@@ -78,7 +78,7 @@ def test_interrupted_and_resumed_baseline_equals_uninterrupted(tmp_path, body, t
                                             model.state_dict()["regressor.out.weight"])
 
 
-def test_baselines_use_vqhps_recipe_and_their_own_epochs(smoke_cfg):
+def test_baselines_use_vqhps_recipe_and_their_own_epochs():
     cfg = load_config("smoke")
     assert bt.baseline_config(cfg).epochs == cfg.baselines.epochs
     cfg.baselines.epochs = None
