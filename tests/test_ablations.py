@@ -146,8 +146,9 @@ def trained(tmp_path_factory, body, vqvaes, splits):
     cfg = small_cfg(tmp_path_factory.mktemp("ablations"))
     cfg.ablation.epochs = 1
     arrays = {k: v[:4] for k, v in splits["train"].items()}
-    kwargs = dict(train_arrays=arrays, validate=False)
-    results = {A.FULL_MODEL: H.train_vqhps(cfg, body, vqvaes["finetune"], name=A.FULL_MODEL, epochs=1, **kwargs)[1]}
+    kwargs = dict(train_arrays=arrays)
+    results = {A.FULL_MODEL: H.train_vqhps(cfg, body, vqvaes["finetune"], name=A.FULL_MODEL, epochs=1,
+                                           validate=False, **kwargs)[1]}
     for name in A.RUNS:
         if name == "vqhps_pretrain_vqvae":  # interrupted after one step, then resumed
             first = A.train_ablation(cfg, body, name, stop_after=1, vqvaes=vqvaes, **kwargs)[1]
@@ -166,6 +167,7 @@ def test_runs_train_under_their_own_names_with_their_settings(trained, body, vqv
         assert meta["vqvae_stage"] == stage
         assert meta["vqvae_fingerprint"] == H.vqvae_fingerprint(vqvaes[stage])
     assert "vertex" in results["vqhps_3d_loss"].history[-1]
+    assert not any(k.startswith("val_") for k in results["vqhps_3d_loss"].history[-1])  # test split only
     assert load_checkpoint(results["vqhps_3d_loss"].checkpoint)["meta"]["config"]["loss"] == "3d"
     assert not load_checkpoint(results["vqhps_no_reprojection"].checkpoint)["meta"]["config"]["use_reprojection"]
     # tokens of the pre-trained Mesh-VQ-VAE mean nothing to the fine-tuned one's decoder

@@ -119,17 +119,19 @@ def load_vqvaes(cfg, body, device: torch.device | str = "cpu", stages: tuple[Sta
 
 
 def train_ablation(cfg, body, name: str, stop_after: int | None = None, *,
-                   vqvaes: Mapping[str, torch.nn.Module] | None = None, **kwargs) -> tuple[torch.nn.Module, TrainResult]:
+                   vqvaes: Mapping[str, torch.nn.Module] | None = None, validate: bool = False,
+                   **kwargs) -> tuple[torch.nn.Module, TrainResult]:
     """Train (or resume, or load when finished) the Table 2 ablation ``name`` under its own
     checkpoint name, with the main run's data, seed and optimiser (``train_vqhps``) and
     ``ablation_epochs(cfg)`` epochs. ``vqvaes`` ({stage: model}, e.g. from ``load_vqvaes``) saves
-    reloading the Mesh-VQ-VAE; ``kwargs`` go to ``train_vqhps`` (train_arrays, validate, ...)."""
+    reloading the Mesh-VQ-VAE. No per-epoch validation by default (Table 2 is measured on the test
+    split; validation changes no weight); ``kwargs`` go to ``train_vqhps`` (train_arrays, ...)."""
     spec = ablation(name)
     vqvae = (vqvaes or {}).get(spec.vqvae_stage)
     if vqvae is None:
         vqvae = load_mesh_vqvae(cfg, body, spec.vqvae_stage, device_of(cfg.runtime))
     return hps.train_vqhps(cfg, body, vqvae, name=spec.name, stop_after=stop_after, vqvae_stage=spec.vqvae_stage,
-                           **kwargs, **training_overrides(cfg, name))
+                           validate=validate, **kwargs, **training_overrides(cfg, name))
 
 
 def _missing(path: Path, cfg, name: str) -> FileNotFoundError:
