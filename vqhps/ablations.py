@@ -95,7 +95,8 @@ def schedule_differences(cfg) -> dict[str, tuple[Any, Any]]:
     main = torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("meta", {}).get("config", {})
     mine = asdict(hps.vqhps_config(cfg, epochs=ablation_epochs(cfg)))
     changed = {k for a in ABLATIONS.values() for k in a.overrides} | {"refine_epochs", "refine_lr"}
-    return {k: (main.get(k), v) for k, v in mine.items() if k not in changed and main.get(k) != v}
+    # fields the main run's checkpoint predates are not differences it can tell
+    return {k: (main[k], v) for k, v in mine.items() if k not in changed and k in main and main[k] != v}
 
 
 def schedule_note(cfg) -> str:
