@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from vqhps.geometry import (
+from vqhps.geometry import (heading_angle, heading_bins,
     axis_angle_to_matrix, matrix_to_axis_angle, matrix_to_quaternion, matrix_to_rot6d, perspective_project,
     random_rotations, rot6d_to_matrix, rotation_angle_deg, similarity_procrustes, weak_perspective_project,
 )
@@ -116,3 +116,20 @@ def test_similarity_procrustes_never_reflects():
     vol = torch.linalg.det(torch.stack((a, b, c), -1))
     vol0 = torch.linalg.det(torch.stack((a0, b0, c0), -1))
     assert (torch.sign(vol) == torch.sign(vol0)).all()
+
+
+def test_heading_angle_and_bins_by_hand():
+    """Body forward (+z) seen from the camera: away = 0, turned to the camera's right (+x) = +90 deg,
+    facing the camera = 180 deg; a yaw about the camera's vertical axis adds to the heading."""
+    def ry(deg):
+        t = math.radians(deg)
+        return torch.tensor([[math.cos(t), 0.0, math.sin(t)], [0.0, 1.0, 0.0], [-math.sin(t), 0.0, math.cos(t)]])
+
+    facing = torch.diag(torch.tensor([1.0, -1.0, -1.0]))  # upright (y down), facing the camera
+    R = torch.stack([torch.eye(3), ry(90.0), facing, ry(-30.0), ry(-170.0)])
+    angles = torch.rad2deg(heading_angle(R))
+    torch.testing.assert_close(angles.abs()[2], torch.tensor(180.0))
+    torch.testing.assert_close(angles[[0, 1, 3, 4]], torch.tensor([0.0, 90.0, -30.0, -170.0]), atol=1e-4, rtol=0)
+    # 4 bins of 90 degrees starting at -180: -170 -> 0, -30 -> 1, 0 -> 2, 90 -> 3
+    assert heading_bins(R[[4, 3, 0, 1]], 4).tolist() == [0, 1, 2, 3]
+    assert heading_bins(ry(-30.0)[None] @ facing[None], 12).item() == heading_bins((ry(150.0))[None], 12).item()

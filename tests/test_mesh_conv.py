@@ -186,3 +186,23 @@ def test_layer_matches_per_vertex_formula(sphere_hierarchy, kind, c_in, c_out):
     x = torch.randn(2, n_in, c_in)
     expected = _reference_layer(layer, x, index, mask, weight)
     torch.testing.assert_close(layer(x).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_kernels_are_reused_without_autograd_and_refreshed_when_weights_change(sphere_hierarchy):
+    torch.manual_seed(6)
+    layer = MeshPool.between(sphere_hierarchy, 0, 4, 6, n_basis=3, residual_rate=0.4)
+    x = torch.randn(2, sphere_hierarchy.sizes[0], 4)
+    with torch.no_grad():
+        first = layer.kernels()
+        assert layer.kernels() is first  # reused
+        y = layer(x)
+    torch.testing.assert_close(y, layer(x).detach())  # same as the autograd path
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x).square().mean().backward()
+    opt.step()  # in-place update of the weights
+    with torch.no_grad():
+        after_step = layer.kernels()
+        assert after_step is not first
+        torch.testing.assert_close(after_step, layer._compute_kernels())
+        layer.load_state_dict({k: v * 0.5 for k, v in layer.state_dict().items()})
+        torch.testing.assert_close(layer.kernels(), layer._compute_kernels())

@@ -11,7 +11,7 @@ from torch import nn
 
 from vqhps.body.base import BodyModel
 from vqhps.config import VQHPSConfig
-from vqhps.geometry import random_rotations, rotation_angle_deg, weak_perspective_project
+from vqhps.geometry import heading_bins, random_rotations, rotation_angle_deg, weak_perspective_project
 from vqhps.models import backbone as backbone_mod
 from vqhps.models.backbone import imagenet_checkpoint_path, resnet50_backbone
 from vqhps.models.vqhps import UPRIGHT_FACING_CAMERA, VQHPS, soft_decode, vqhps_losses
@@ -151,6 +151,23 @@ def test_total_loss_composition_and_reprojection_switch():
     off = vqhps_losses(out, batch, vq, body, off_cfg)
     assert torch.isclose(off["total"], off["ce"] + 2.0 * off["rot"])
     assert not off["reproj"].requires_grad
+
+
+def test_heading_classifier_is_off_by_default_and_trains_the_rotation_branch_only():
+    model, body, vq, cfg = make()
+    assert model.rot_head.heading is None and "heading_logits" not in model(torch.randn(2, 3, 32, 32))
+    model, body, vq, cfg = make(heading_bins=8, heading_weight=0.5)
+    batch = make_batch(body, vq)
+    out = model(batch["image"], vq, body)
+    assert out["heading_logits"].shape == (2, 8)
+    losses = vqhps_losses(out, batch, vq, body, cfg)
+    assert torch.isclose(losses["total"], losses["ce"] + losses["rot"] + losses["reproj"] + 0.5 * losses["heading_ce"])
+    expected = torch.nn.functional.cross_entropy(out["heading_logits"], heading_bins(batch["root_rot"], 8))
+    assert torch.isclose(losses["heading_ce"], expected)
+    losses["heading_ce"].backward()
+    assert grad_norm(model.rot_head.heading.parameters()) > 0
+    assert grad_norm(model.rot_backbone.parameters()) > 0
+    assert grad_norm(model.mesh_branch_parameters()) == 0
 
 
 def test_3d_loss_gradient_flows_through_soft_decoding():

@@ -133,6 +133,12 @@ class VQHPSConfig:
     lr_gamma: float = 0.1
     rot_weight: float = 1.0
     reproj_weight: float = 1.0
+    #: beyond the paper: classify the body's heading into this many bins from the rotation branch's
+    #: hidden features (cross-entropy, weight ``heading_weight``); 0 = off (the paper). Unlike the
+    #: rotation MSE, whose expected gradient vanishes while front and back cannot be told apart, the
+    #: classification rewards features that narrow the heading down to two opposite bins.
+    heading_bins: int = 0
+    heading_weight: float = 1.0
     #: width of the two hidden layers of the rotation/camera MLP and of the VQ-HPS-rot refiner (paper: 1024)
     rot_hidden: int = 1024
     #: VQ-HPS-rot: epochs and learning rate of the refiner, trained on top of the frozen VQ-HPS

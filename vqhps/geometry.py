@@ -7,6 +7,8 @@ shape and keeps the input dtype (fp32 or fp64).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +29,21 @@ def rot6d_to_matrix(x: torch.Tensor) -> torch.Tensor:
 def matrix_to_rot6d(R: torch.Tensor) -> torch.Tensor:
     """(..., 3, 3) -> (..., 6): the first two columns, concatenated (inverse of ``rot6d_to_matrix``)."""
     return torch.cat((R[..., :, 0], R[..., :, 1]), dim=-1)
+
+
+def heading_angle(R: torch.Tensor) -> torch.Tensor:
+    """(..., 3, 3) body-to-camera rotations -> heading in radians, (-pi, pi]: the angle of the body's
+    forward axis (its +z, the column ``R[..., :, 2]``) in the camera's x-z plane, atan2(x, z); 0 when the
+    body faces away from the camera, +-pi when it faces it."""
+    forward = R[..., :, 2]
+    return torch.atan2(forward[..., 0], forward[..., 2])
+
+
+def heading_bins(R: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """(..., 3, 3) -> (...) long: the heading (``heading_angle``) in ``n_bins`` equal bins, bin 0
+    starting at -pi."""
+    frac = (heading_angle(R.float()) + math.pi) / (2.0 * math.pi)
+    return (frac * n_bins).floor().long().clamp(0, n_bins - 1)
 
 
 def skew(v: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from .distributed import current
 from .geometry import rotation_angle_deg
 from .losses import rotation_mse
 from .metrics import METRIC_COLUMNS, evaluate_meshes, summarise
+from .models.layers import REGRESSION_MLP
 from .models.vqhps import VQHPS, vqhps_losses
 from .train import TrainResult, autocast, device_of, rank_slice, step_indices, train
 from .vqvae_training import checkpoint_dir
@@ -41,7 +42,7 @@ BATCH_KEYS = tuple(k for k in BenchmarkDataset.KEYS if k != "subject")
 LABEL_COLUMNS = ("valid", "light", "occlusion", "in_frame", "yaw", "subject")
 #: VQHPSConfig fields that fix the shapes and meaning of the weights
 ARCHITECTURE_FIELDS = ("d_model", "n_heads", "enc_layers", "dec_layers", "mlp_hidden", "rot_hidden",
-                       "condition_on_camera", "refine_rotation")
+                       "condition_on_camera", "refine_rotation", "heading_bins")
 
 ModelFn = Callable[[dict], dict]
 
@@ -197,7 +198,7 @@ def vqhps_meta(hcfg: VQHPSConfig, body, vqvae, vqvae_stage: str) -> dict:
     return {"kind": "vqhps", "config": config, "body_id": body.identifier(), "hierarchy_hash": vqvae.hierarchy_hash,
             "vqvae_stage": vqvae_stage, "vqvae_fingerprint": vqvae_fingerprint(vqvae),
             "backbone_weights": "scratch" if hcfg.backbone_weights is None else str(hcfg.backbone_weights),
-            "architecture": {**{k: config[k] for k in ARCHITECTURE_FIELDS}, "n_tokens": vqvae.n_tokens,
+            "architecture": {**{k: config[k] for k in ARCHITECTURE_FIELDS}, "mlp": REGRESSION_MLP, "n_tokens": vqvae.n_tokens,
                              "codebook_size": vqvae.codebook_size},
             "recipe": {k: v for k, v in config.items() if k not in _NOT_RECIPE}}
 

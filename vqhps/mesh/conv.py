@@ -69,7 +69,21 @@ class VaryingConv(nn.Module):
 
     def kernels(self) -> Tensor:
         """Per-output-vertex kernels (N_out, K * C_in, C_out), residual path folded in: rows ordered
-        (neighbour, input channel) like the gathered input."""
+        (neighbour, input channel) like the gathered input. Without autograd (a frozen model, or under
+        ``torch.no_grad``) they are kept until a parameter changes (in-place update, reload, move)."""
+        params = [p for p in (self.coeff, self.basis, getattr(self.channel_map, "weight", None)) if p is not None]
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return self._compute_kernels()
+        amp = torch.is_autocast_enabled(self.coeff.device.type)
+        key = (tuple((p.data_ptr(), p._version, p.dtype) for p in params), amp,
+               torch.get_autocast_dtype(self.coeff.device.type) if amp else None)
+        cached = self.__dict__.get("_kernel_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self._compute_kernels().detach())
+            self.__dict__["_kernel_cache"] = cached
+        return cached[1]
+
+    def _compute_kernels(self) -> Tensor:
         n_out, k = self.index.shape
         r = self.residual_rate
         coeff = self.coeff * self.mask.unsqueeze(-1)

@@ -19,6 +19,7 @@ from ..data.poses import (ANNY_BONE_LABELS, ANNY_N_BONES, ARTICULATED_BONES, ang
                           key_pose_angles)
 from ..geometry import matrix_to_rot6d, rot6d_to_matrix
 from ..losses import reprojection_l1, rotation_mse
+from .layers import regression_mlp
 from .vqhps import UPRIGHT_FACING_CAMERA
 
 N_ARTICULATED = len(ARTICULATED_BONES)
@@ -106,8 +107,8 @@ class ParamLayout:
 
 
 class IterativeRegressor(nn.Module):
-    """HMR's iterative error feedback: ``n_iter`` times, [feature ⊕ extra ⊕ current params] -> FC
-    ``hidden`` -> ReLU -> dropout -> FC ``hidden`` -> ReLU -> dropout -> FC -> delta added to the
+    """HMR's iterative error feedback: ``n_iter`` times, [feature ⊕ extra ⊕ current params] ->
+    ``regression_mlp`` (LayerNorm, FC ``hidden``, GELU, dropout, twice) -> FC -> delta added to the
     params, starting from ``init`` (a buffer). The last layer starts with tiny weights and runs in
     fp32, so the first estimate is the mean and the parameters keep full precision under autocast."""
 
@@ -117,10 +118,7 @@ class IterativeRegressor(nn.Module):
         self.n_iter = int(n_iter)
         self.register_buffer("init", init.float().clone())
         dim = init.numel()
-        self.mlp = nn.Sequential(
-            nn.Linear(feat_dim + dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-        )
+        self.mlp = regression_mlp(feat_dim + dim, hidden, dropout)
         self.out = nn.Linear(hidden, dim)
         nn.init.xavier_uniform_(self.out.weight, gain=0.01)
         nn.init.zeros_(self.out.bias)

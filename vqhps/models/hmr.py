@@ -12,6 +12,7 @@ from torch import nn
 from .backbone import FEATURE_DIM, resnet50_backbone
 from .body_params import (DEFAULT_WEIGHTS, IterativeRegressor, ParamLayout, ensure_body_device,
                           parametric_terms, pose_body, weighted_total)
+from .layers import REGRESSION_MLP
 
 
 class HMR(nn.Module):
@@ -35,7 +36,7 @@ class HMR(nn.Module):
         self.backbone = resnet50_backbone(cfg.vqhps.backbone_weights)
         self.regressor = IterativeRegressor(FEATURE_DIM + self.extra_dim, self.layout.mean(init_pose), hidden,
                                             cfg.vqhps.dropout, n_iter)
-        self._arch = {"model": type(self).__name__.lower(), "n_iter": n_iter, "hidden": hidden,
+        self._arch = {"model": type(self).__name__.lower(), "n_iter": n_iter, "hidden": hidden, "mlp": REGRESSION_MLP,
                       "init_pose": init_pose, "body_id": body.identifier()}
 
     def architecture(self) -> dict[str, Any]:

@@ -17,12 +17,14 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import VQHPSConfig
-from ..geometry import IDENTITY_6D, matrix_to_rot6d, rot6d_to_matrix
+from ..geometry import IDENTITY_6D, heading_bins, matrix_to_rot6d, rot6d_to_matrix
 from ..losses import reprojection_l1, rotation_mse, token_cross_entropy, vertex_l2
 from .backbone import FEATURE_DIM, resnet50_backbone
+from .layers import regression_mlp
 from .transformer import encoder_decoder
 
 
@@ -61,26 +63,27 @@ def sine_position_encoding_2d(h: int, w: int, dim: int, temperature: float = 100
 
 
 class RotationCameraHead(nn.Module):
-    """HMR-style regressor: pooled feature ⊕ flattened initial pose -> FC -> FC -> 6D rotation and
-    camera (s, tx, ty). The output layer starts with tiny weights and a bias equal to
+    """HMR-style regressor: pooled feature ⊕ flattened initial pose -> ``regression_mlp`` (FC -> FC)
+    -> 6D rotation and camera (s, tx, ty). The output layer starts with tiny weights and a bias equal to
     (``init_rot6d``, 1, 0, 0), so training starts from that rotation, unit scale and no shift."""
 
     def __init__(self, in_dim: int, hidden: int = 1024, dropout: float = 0.0,
-                 init_rot6d: torch.Tensor | None = None) -> None:
+                 init_rot6d: torch.Tensor | None = None, heading_bins: int = 0) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-        )
+        self.mlp = regression_mlp(in_dim, hidden, dropout)
         self.out = nn.Linear(hidden, 9)
         init6d = torch.tensor(IDENTITY_6D) if init_rot6d is None else init_rot6d.reshape(6).float()
         nn.init.xavier_uniform_(self.out.weight, gain=0.01)
         with torch.no_grad():
             self.out.bias.copy_(torch.cat((init6d, torch.tensor([1.0, 0.0, 0.0]))))
+        #: optional heading classifier on the same hidden features (``VQHPSConfig.heading_bins``)
+        self.heading = nn.Linear(hidden, heading_bins) if heading_bins > 0 else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y = self.out(self.mlp(x))
-        return y[:, :6], y[:, 6:9]
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """-> (6D rotation (B, 6), camera (B, 3), heading logits (B, bins) or None)."""
+        h = self.mlp(x)
+        y = self.out(h)
+        return y[:, :6], y[:, 6:9], (self.heading(h) if self.heading is not None else None)
 
 
 class MeshTokenPredictor(nn.Module):
@@ -136,10 +139,7 @@ class RotationRefiner(nn.Module):
     def __init__(self, feat_dim: int = FEATURE_DIM, n_joints: int = 17, hidden: int = 1024,
                  dropout: float = 0.0) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(feat_dim + 6 + 3 + 3 * n_joints, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-        )
+        self.mlp = regression_mlp(feat_dim + 6 + 3 + 3 * n_joints, hidden, dropout)
         self.out = nn.Linear(hidden, 6)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
@@ -181,7 +181,8 @@ class VQHPS(nn.Module):
         if init_rotmat is None:
             init_rotmat = torch.tensor(UPRIGHT_FACING_CAMERA)
         init6d = matrix_to_rot6d(torch.as_tensor(init_rotmat, dtype=torch.float32))
-        self.rot_head = RotationCameraHead(FEATURE_DIM + tpose.numel(), rot_hidden, cfg.dropout, init6d)
+        self.rot_head = RotationCameraHead(FEATURE_DIM + tpose.numel(), rot_hidden, cfg.dropout, init6d,
+                                           heading_bins=cfg.heading_bins)
         self.mesh = MeshTokenPredictor(cfg, n_tokens, codebook_size)
         self.refiner = (
             RotationRefiner(FEATURE_DIM, tpose.shape[0], rot_hidden, cfg.dropout) if cfg.refine_rotation else None
@@ -205,12 +206,14 @@ class VQHPS(nn.Module):
         ``rot6d_refined`` and ``rotmat_refined``."""
         pooled_rot, _ = self.rot_backbone(images)
         pose = self.tpose_joints17.reshape(1, -1).to(pooled_rot.dtype).expand(pooled_rot.shape[0], -1)
-        rot6d, cam = self.rot_head(torch.cat((pooled_rot, pose), dim=-1))
+        rot6d, cam, heading = self.rot_head(torch.cat((pooled_rot, pose), dim=-1))
         rotmat = rot6d_to_matrix(rot6d.float())
         _, spatial = self.mesh_backbone(images)
         z_feat = self.mesh.features(spatial)
         logits = self.mesh.logits(z_feat, matrix_to_rot6d(rotmat).detach(), cam.detach())
         out = {"rot6d": rot6d, "rotmat": rotmat, "cam": cam, "logits": logits, "pooled_rot": pooled_rot}
+        if heading is not None:
+            out["heading_logits"] = heading
         if vqvae is not None:
             with torch.no_grad(), _full_precision(logits):  # fp32 decoding: mm matter
                 ids = logits.argmax(dim=-1)
@@ -256,9 +259,11 @@ def soft_decode(logits: torch.Tensor, vqvae: MeshVQVAELike) -> torch.Tensor:
 
 def vqhps_losses(outputs: dict[str, torch.Tensor], batch: dict[str, Any], vqvae: MeshVQVAELike,
                  body: BodyLike, cfg: VQHPSConfig) -> dict[str, torch.Tensor]:
-    """Training losses -> dict(total, ce, rot, reproj[, vertex][, rot_refined]).
+    """Training losses -> dict(total, ce, rot, reproj[, vertex][, heading_ce][, rot_refined]).
 
-    ``total = token loss + rot_weight * rot + reproj_weight * reproj [+ rot_weight * rot_refined]``,
+    ``total = token loss + rot_weight * rot + reproj_weight * reproj [+ heading_weight * heading_ce]
+    [+ rot_weight * rot_refined]`` (heading_ce: cross-entropy of the heading bins, when
+    ``cfg.heading_bins`` > 0; it trains the rotation branch),
     with token loss = ce (``cfg.loss == "ce"``) or vertex (``"3d"``: mean per-vertex L2 between the
     ground-truth canonical mesh and the soft decoding). Terms left out of total (ce under "3d",
     reproj when ``use_reprojection`` is off) are still reported, detached. The reprojection projects
@@ -297,6 +302,10 @@ def _vqhps_losses(outputs: dict[str, torch.Tensor], batch: dict[str, Any], vqvae
         ce = ce.detach()
     else:
         raise ValueError(f"unknown loss {cfg.loss!r}; use 'ce' or '3d'")
+    if cfg.heading_bins > 0:
+        heading = F.cross_entropy(outputs["heading_logits"].float(), heading_bins(batch["root_rot"], cfg.heading_bins))
+        total = total + cfg.heading_weight * heading
+        losses["heading_ce"] = heading
     if cfg.refine_rotation:
         if "rotmat_refined" not in outputs:
             raise KeyError("refine_rotation is on: call the model with (images, vqvae, body) so it refines")
