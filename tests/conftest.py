@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("PYOPENGL_PLATFORM", "")
 if not os.environ["PYOPENGL_PLATFORM"]:
@@ -58,3 +59,13 @@ def anny_model(smoke_cfg):
     from vqhps.body.anny_body import build_anny
 
     return build_anny(smoke_cfg.paths.anny_cache)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    on the shared 2-core machine two threads thrash when other jobs are busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

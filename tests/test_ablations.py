@@ -28,13 +28,8 @@ SMALL = {"vqhps.d_model": 32, "vqhps.n_heads": 2, "vqhps.mlp_hidden": 64, "vqhps
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine two threads thrash when others are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: one intra-op thread (conftest.one_thread): two threads thrash on the shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cfg(tmp_path):

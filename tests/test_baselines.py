@@ -28,13 +28,8 @@ STEPS = 5
 PELVIS, L_HIP, R_HIP, L_ANKLE, L_FOOT, HEAD = 0, 1, 2, 7, 10, 15
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine two threads thrash when others are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: one intra-op thread (conftest.one_thread): two threads thrash on the shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

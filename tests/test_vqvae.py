@@ -22,15 +22,6 @@ def sphere():
     return torch.tensor(s.vertices, dtype=torch.float32), h
 
 
-@pytest.fixture()
-def one_thread():
-    """Tiny tensors: one thread is as fast and does not stall when other processes share the CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(sphere, **cfg) -> MeshVQVAE:
     template, h = sphere
     return MeshVQVAE(template, h, VQVAEConfig(**{**SMALL, **cfg}), body_id="test-sphere")

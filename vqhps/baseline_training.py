@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from . import hps_training as hps
-from .checkpoint import CheckpointMismatch, check_meta, load_checkpoint
+from .checkpoint import CheckpointMismatch, check_meta, load_checkpoint, read_meta
 from .config import VQHPSConfig
 from .data import synthetic
 from .geometry import rotation_angle_deg
@@ -117,11 +117,8 @@ def baseline_meta(name: str, hcfg: VQHPSConfig, model: torch.nn.Module, body, au
 
 def _refuse_foreign(path: Path, meta: dict) -> None:
     """Before resuming, check an existing checkpoint against the run (read lazily, as VQ-HPS's)."""
-    if not path.is_file():
-        return
-    try:
-        found = torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("meta", {})
-    except Exception:  # noqa: BLE001 - unreadable: train() reports it with the fix
+    found = read_meta(path)
+    if found is None:
         return
     try:
         check_meta(found, {k: meta[k] for k in ("kind", "baseline", "body_id", "architecture", "recipe")}, path)

@@ -82,6 +82,17 @@ def load_checkpoint(path: str | os.PathLike, expect: dict[str, Any] | None = Non
     return payload
 
 
+def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A checkpoint's ``meta`` read lazily (memory-mapped), for checks before a run resumes it; None
+    when there is no file or it cannot be read (the training loop then reports it with the fix)."""
+    if not Path(path).is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("meta", {})
+    except Exception:  # noqa: BLE001 - any unreadable file: reported where it is loaded
+        return None
+
+
 def check_meta(meta: dict[str, Any], expect: dict[str, Any], path: str | os.PathLike = "<checkpoint>") -> None:
     """Raise :class:`CheckpointMismatch` on the first field of ``expect`` that ``meta`` does not match
     (nested dicts are compared key by key, so the message names e.g. ``config.codebook_size``)."""

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointMismatch, check_meta, load_checkpoint
+from .checkpoint import CheckpointMismatch, check_meta, load_checkpoint, read_meta
 from .config import VQHPSConfig
 from .data import synthetic
 from .data.datasets import Augmentation, BenchmarkDataset, prepare_batch
@@ -258,11 +258,8 @@ def _arrays(cfg, split: str, given: dict | None) -> dict:
 
 def _refuse_foreign(path: Path, meta: dict) -> None:
     """Before resuming, check an existing checkpoint's meta (read lazily) against the run's."""
-    if not path.is_file():
-        return
-    try:
-        found = torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("meta", {})
-    except Exception:  # noqa: BLE001 - unreadable: train() reports it with the fix
+    found = read_meta(path)
+    if found is None:
         return
     _check_vqhps_meta(found, meta, path)
     try:
