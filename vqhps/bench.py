@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import itertools
 import json
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+
+from .reproduce import device_name
 
 #: parts of ``python -m vqhps bench``; they run in this order whatever order ``--only`` names them in
 PARTS = ("rendering", "ceiling", "vqhps", "data", "mesh_vqvae")
@@ -164,13 +165,6 @@ class BenchSettings:
             raise ValueError(f"bench: --batch and --iters (and the render and Mesh-VQ-VAE batches) must be at "
                              f"least 1 and --warmup at least 0; got {settings}")
         return settings
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()})"
 
 
 def run_facts(cfg, device: torch.device) -> dict:

@@ -10,6 +10,16 @@ from pathlib import Path
 from .config import PROJECT_ROOT, load_config
 
 
+def device_name(device=None) -> str:
+    """The name of ``device`` (default: the first GPU when there is one, else the CPU)."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device is None else torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
 def environment_facts() -> dict:
     """Git hash, device and library versions: what a result needs to be traced back."""
     import torch
@@ -19,8 +29,7 @@ def environment_facts() -> dict:
                                 text=True, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.TimeoutExpired):
         commit = "unknown"
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
-    return {"git_commit": commit, "device": device, "torch": torch.__version__, "python": platform.python_version(),
+    return {"git_commit": commit, "device": device_name(), "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.version.cuda, "gpus": torch.cuda.device_count()}
 
 
