@@ -70,6 +70,21 @@ def test_batches_are_a_pure_function_of_the_step(smoke_cfg, body, splits):
     assert plain["canonical"].shape == (4, body.template.shape[0], 3)
 
 
+def test_token_table_holds_the_targets_of_every_augmented_batch(smoke_cfg, body, vqvae, splits):
+    """Looked up by sample index and flip, the precomputed targets are the token ids the Mesh-VQ-VAE
+    gives the batch's own (augmented, possibly mirrored) ground-truth meshes."""
+    train = subset(splits["train"], 16)
+    table = H.token_table(vqvae, body, train, CPU, batch_size=5)
+    assert table.shape == (16, 2, vqvae.n_tokens) and table.dtype == torch.long
+    batch = H.benchmark_batches(smoke_cfg, train, body, CPU, augment=True, batch_size=16, prefetch=False)(1)
+    assert batch["flipped"].any() and not batch["flipped"].all()
+    looked_up = table[batch["index"], batch["flipped"].long()]
+    assert torch.equal(looked_up, vqvae.encode(batch["canonical"].float()))
+    assert not torch.equal(table[:, 0], table[:, 1])  # a mirrored body is another mesh
+    lean = H.benchmark_batches(smoke_cfg, train, body, CPU, augment=True, batch_size=16, prefetch=False, meshes=False)(1)
+    assert "canonical" not in lean and torch.equal(lean["image"], batch["image"])
+
+
 def test_token_cross_entropy_and_rotation_error_fall_on_a_few_images(tmp_path, body, vqvae, splits):
     cfg = tiny_cfg(tmp_path, log_every=4)
     _, result = H.train_vqhps(cfg, body, vqvae, name="overfit", train_arrays=subset(splits["train"], 4),

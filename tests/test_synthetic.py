@@ -5,7 +5,7 @@ import torch
 
 from vqhps.data.datasets import Augmentation, _geometric, canonical_targets
 from vqhps.data.sample import apply_affine, crop_affine, project_points
-from vqhps.data.synthetic import (CorruptShardError, build_split, check_split, load_split, make_spec,
+from vqhps.data.synthetic import (CorruptShardError, build_split, build_splits, check_split, load_split, make_spec,
                                   shard_path, subject_pool)
 
 
@@ -123,3 +123,18 @@ def test_split_meshes_are_known_without_rendering(built):
     m = split_meshes(built, "test")
     assert np.array_equal(m["pose"], a["pose"]) and np.array_equal(m["shape"], a["shape"])
     assert np.array_equal(m["subject"], a["subject"])
+
+
+def test_worker_pool_renders_the_same_splits_as_one_process(tiny_cfg, tmp_path):
+    """Two spawned render workers sharing the shards of two splits write exactly what one process writes."""
+    import copy
+
+    pooled = copy.deepcopy(tiny_cfg)
+    pooled.paths.data = tmp_path / "pooled"
+    build_splits(tiny_cfg, ("val", "test"), workers=0, progress=False)
+    build_splits(pooled, ("val", "test"), workers=2, progress=False)
+    for split in ("val", "test"):
+        a, b = load_split(tiny_cfg, split), load_split(pooled, split)
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{split}/{k}")

@@ -323,35 +323,39 @@ class TrainingRig:
 
 def vqhps_training_rig(cfg, body, vqvae, device: torch.device, global_batch: int, n_images: int) -> TrainingRig:
     """A fresh VQ-HPS (random weights) prepared as training prepares it (channels_last, compiled
-    backbones, DDP under torchrun), its AdamW + StepLR, the VQ-HPS loss and ``benchmark_batches`` over
-    ``n_images`` random samples with global batch ``global_batch``."""
+    backbones, DDP under torchrun), its AdamW + StepLR, the VQ-HPS loss with its token table and
+    ``benchmark_batches`` (no meshes, as ``train_vqhps`` with the cross-entropy) over ``n_images``
+    random samples with global batch ``global_batch``."""
     from .hps_training import (Schedule, benchmark_batches, build_vqhps, prepare_model, schedule_optimizer,
-                               vqhps_config, vqhps_loss_fn)
+                               token_table, vqhps_config, vqhps_loss_fn)
     from .train import wrap_ddp
 
     hcfg = vqhps_config(cfg, backbone_weights=None)
     arrays = random_split_arrays(cfg, body, n_images)
-    batch_fn = benchmark_batches(cfg, arrays, body, device, augment=True, batch_size=global_batch)
+    tokens = token_table(vqvae, body, arrays, device)
+    batch_fn = benchmark_batches(cfg, arrays, body, device, augment=True, batch_size=global_batch,
+                                 meshes=hcfg.loss == "3d")
     torch.manual_seed(cfg.seed)
     model = prepare_model(build_vqhps(hcfg, body, vqvae), cfg, device).train()
     optimizer, scheduler = schedule_optimizer(model.parameters(), Schedule.of(hcfg), batch_fn.steps_per_epoch,
                                               device)
-    return TrainingRig(model, wrap_ddp(model), optimizer, scheduler, vqhps_loss_fn(vqvae, body, hcfg), batch_fn,
-                       cfg.runtime.amp)
+    return TrainingRig(model, wrap_ddp(model), optimizer, scheduler, vqhps_loss_fn(vqvae, body, hcfg, tokens),
+                       batch_fn, cfg.runtime.amp)
 
 
 def bench_vqhps(cfg, body, device: torch.device, s: BenchSettings) -> list[dict]:
-    """VQ-HPS end to end with random weights and a fresh Mesh-VQ-VAE: inference (normalised images on
-    the device -> oriented mesh vertices, the ``vqhps_predictor`` path) at the inference batch, and the
-    training step at cfg.vqhps.batch_size, alone (one prepared batch reused) and with its input
-    (``benchmark_batches``: pinned copy, augmentation, ground-truth posing), as training runs it."""
+    """VQ-HPS end to end with random weights and a fresh Mesh-VQ-VAE (compiled as ``load_mesh_vqvae``
+    compiles it): inference (normalised images on the device -> oriented mesh vertices, the
+    ``vqhps_predictor`` path) at the inference batch, and the training step at cfg.vqhps.batch_size,
+    alone (one prepared batch reused) and with its input (``benchmark_batches``: pinned copy,
+    augmentation, token lookup), as training runs it."""
     from .hps_training import build_vqhps, prepare_model, vqhps_config, vqhps_predictor
     from .train import autocast
-    from .vqvae_training import build_mesh_vqvae
+    from .vqvae_training import build_mesh_vqvae, compile_for
 
     facts = run_facts(cfg, device)
     body = body.to(device)
-    vqvae = build_mesh_vqvae(cfg, body).to(device).eval()
+    vqvae = compile_for(build_mesh_vqvae(cfg, body).to(device).eval(), cfg, device)
     rows = []
     with static_shapes(facts["compiled"]):
         torch.manual_seed(cfg.seed)
@@ -384,13 +388,13 @@ def bench_vqhps(cfg, body, device: torch.device, s: BenchSettings) -> list[dict]
 
 def bench_data(cfg, body, device: torch.device, s: BenchSettings) -> list[dict]:
     """The input side alone: ``benchmark_batches(...)(step)`` over an in-memory split of random uint8
-    crops (pinned host->device copy, augmentation, normalisation, ground-truth mesh posing)."""
+    crops (pinned host->device copy, augmentation, normalisation), as VQ-HPS training uses it."""
     from .hps_training import benchmark_batches
 
     body = body.to(device)
     bs = cfg.vqhps.batch_size
     batch_fn = benchmark_batches(cfg, random_split_arrays(cfg, body, 4 * bs), body, device, augment=True,
-                                 batch_size=bs)
+                                 batch_size=bs, meshes=cfg.vqhps.loss == "3d")
     steps = itertools.count()
     sec = _measure(lambda: batch_fn(next(steps))["image"], device, s)
     facts = {**run_facts(cfg, device), "precision": "fp32", "compiled": False}

@@ -66,7 +66,8 @@ class DataConfig:
     #: full-frame render resolution (square) and network input crop size
     render_size: int = 320
     crop_size: int = 224
-    shard_size: int = 2_000
+    #: images per stored shard, also the unit of work of one render worker (small: the pool stays busy)
+    shard_size: int = 500
     #: fraction of images with a synthetic occluder / dim or harsh light / truncation
     occluder_prob: float = 0.2
     bad_light_prob: float = 0.15

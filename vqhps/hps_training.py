@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointMismatch, check_meta, load_checkpoint, read_meta
 from .config import VQHPSConfig
 from .data import synthetic
-from .data.datasets import Augmentation, BenchmarkDataset, prepare_batch
+from .data.datasets import Augmentation, BenchmarkDataset, canonical_targets, prepare_batch
 from .distributed import current
 from .geometry import rotation_angle_deg
 from .losses import rotation_mse
@@ -53,12 +53,13 @@ def _augmentation_seed(seed: int, step: int, rank: int) -> int:
 
 
 def benchmark_batches(cfg, arrays: dict[str, np.ndarray], body, device: torch.device, augment: bool = True,
-                      batch_size: int | None = None, prefetch: bool = True) -> Callable[[int], dict]:
+                      batch_size: int | None = None, prefetch: bool = True, meshes: bool = True) -> Callable[[int], dict]:
     """``batch_fn(step)`` over an in-memory split: the step's seeded global batch
     (``step_indices``), this rank's share of it, moved to ``device`` and augmented with the paper's
     augmentation drawn from a generator seeded by (cfg.seed, step, rank), with ground-truth canonical
-    meshes attached (``prepare_batch``). A pure function of ``step``; a background thread gathers the
-    next step's CPU arrays meanwhile. ``batch_fn.steps_per_epoch`` = len // batch size."""
+    meshes attached (``prepare_batch``; ``meshes=False`` leaves them out for losses that do not need
+    them). A pure function of ``step``; a background thread gathers the next step's CPU arrays
+    meanwhile. ``batch_fn.steps_per_epoch`` = len // batch size."""
     n = len(arrays["image"])
     bs = int(batch_size or cfg.vqhps.batch_size)
     if n < bs:
@@ -85,7 +86,7 @@ def benchmark_batches(cfg, arrays: dict[str, np.ndarray], body, device: torch.de
         if executor is not None:
             pending[step + 1] = executor.submit(cpu_batch, step + 1)
         gen = torch.Generator().manual_seed(_augmentation_seed(cfg.seed, step, rank))
-        return prepare_batch(cpu, body, device, aug, gen, body.joint_flip24, body.joint_flip17,
+        return prepare_batch(cpu, body if meshes else None, device, aug, gen, body.joint_flip24, body.joint_flip17,
                              channels_last=cfg.runtime.channels_last)
 
     batch_fn.steps_per_epoch = max(n // bs, 1)
@@ -129,14 +130,15 @@ def schedule_optimizer(params, schedule: Schedule, steps_per_epoch: int, device:
 def fit(cfg, name: str, model: torch.nn.Module, loss_fn, schedule: Schedule, train_arrays: dict, body,
         meta: dict, *, params: list[torch.nn.Parameter] | None = None, augment: bool = True,
         stop_after: int | None = None, predictor: Callable[[torch.nn.Module], ModelFn] | None = None,
-        val_arrays: dict | None = None) -> TrainResult:
+        val_arrays: dict | None = None, meshes: bool = True) -> TrainResult:
     """Train ``model`` (already on its device) on ``train_arrays`` for ``schedule.epochs`` epochs with
     AdamW over ``params`` (default: every parameter) and StepLR, checkpointing to
     ``results/<profile>/checkpoints/<name>.pt`` and resuming from it. With ``predictor`` (model ->
     model_fn) and ``val_arrays``, the validation metrics (val_PVE, val_MPJPE, val_PA-MPJPE,
-    val_rot_err_deg) are logged at the first log row after each epoch."""
+    val_rot_err_deg) are logged at the first log row after each epoch. ``meshes=False``: training
+    batches come without ground-truth canonical meshes (``loss_fn`` does not read them)."""
     device = next(model.parameters()).device
-    batch_fn = benchmark_batches(cfg, train_arrays, body, device, augment, schedule.batch_size)
+    batch_fn = benchmark_batches(cfg, train_arrays, body, device, augment, schedule.batch_size, meshes=meshes)
     spe = batch_fn.steps_per_epoch
     total = schedule.epochs * spe
     optimizer, scheduler = schedule_optimizer(params if params is not None else model.parameters(), schedule,
@@ -216,13 +218,37 @@ def prepare_model(model: torch.nn.Module, cfg, device: torch.device,
     return model
 
 
-def vqhps_loss_fn(vqvae, body, hcfg: VQHPSConfig):
-    """``loss_fn(model, batch, step)`` of VQ-HPS: ground-truth token ids from the frozen Mesh-VQ-VAE
-    (fp32), the paper's losses (``vqhps_losses``), plus rotation error (deg) and token accuracy."""
+@torch.no_grad()
+def token_table(vqvae, body, arrays: dict[str, np.ndarray], device: torch.device, batch_size: int = 256,
+                progress: bool = False) -> torch.Tensor:
+    """(N, 2, n_tokens) long: the frozen Mesh-VQ-VAE's token ids (fp32) of every image's ground-truth
+    canonical mesh, as stored ([:, 0]) and mirrored by the flip augmentation ([:, 1]). Encoded once
+    before training, so a training step neither poses nor encodes meshes."""
+    pose, shape = torch.as_tensor(arrays["pose"]), torch.as_tensor(arrays["shape"])
+    body, rows = body.to(device), []
+    for start in tqdm(range(0, len(pose), batch_size), desc="token targets", leave=False, disable=not progress):
+        p, b = pose[start:start + batch_size].to(device), shape[start:start + batch_size].to(device)
+        ids = []
+        for mirrored in (False, True):
+            flipped = torch.full((len(p),), mirrored, dtype=torch.bool, device=device)
+            with torch.autocast(device.type, enabled=False):
+                ids.append(vqvae.encode(canonical_targets(body, p, b, flipped).float()))
+        rows.append(torch.stack(ids, dim=1))
+    return torch.cat(rows)
+
+
+def vqhps_loss_fn(vqvae, body, hcfg: VQHPSConfig, tokens: torch.Tensor | None = None):
+    """``loss_fn(model, batch, step)`` of VQ-HPS: ground-truth token ids looked up in ``tokens``
+    (``token_table``) by the batch's sample index and flip, or else encoded from the batch's canonical
+    meshes by the frozen Mesh-VQ-VAE (fp32); the paper's losses (``vqhps_losses``), plus rotation
+    error (deg) and token accuracy."""
 
     def loss_fn(model, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        with torch.no_grad(), torch.autocast(batch["canonical"].device.type, enabled=False):
-            batch["token_ids"] = vqvae.encode(batch["canonical"].float())
+        if tokens is not None:
+            batch["token_ids"] = tokens[batch["index"].to(tokens.device), batch["flipped"].long().to(tokens.device)]
+        else:
+            with torch.no_grad(), torch.autocast(batch["canonical"].device.type, enabled=False):
+                batch["token_ids"] = vqvae.encode(batch["canonical"].float())
         out = model(batch["image"], vqvae, body)
         losses = vqhps_losses(out, batch, vqvae, body, hcfg)
         result = {"loss": losses.pop("total"), **{k: v.detach() for k, v in losses.items()}}
@@ -285,8 +311,8 @@ def train_vqhps(cfg, body, vqvae, name: str = "vqhps", stop_after: int | None = 
                 augment: bool = True, validate: bool = True, **overrides) -> tuple[VQHPS, TrainResult]:
     """Train VQ-HPS (paper Sec. 4.3) and return (model in eval mode, TrainResult).
 
-    Token targets come on the fly from the frozen ``vqvae`` (pass the stage it was loaded from as
-    ``vqvae_stage``: it is recorded). ``overrides`` are VQHPSConfig fields, so the Table 2 ablations
+    Token targets come from the frozen ``vqvae``, encoded once for the whole split (``token_table``;
+    pass the stage it was loaded from as ``vqvae_stage``: it is recorded). ``overrides`` are VQHPSConfig fields, so the Table 2 ablations
     run here under their own ``name``: ``loss="3d"``, ``use_reprojection=False``, or a pre-train-only
     Mesh-VQ-VAE (``vqvae=load_mesh_vqvae(cfg, body, "pretrain")``, ``vqvae_stage="pretrain"``).
     ``train_arrays``/``val_arrays`` default to the profile's train/val splits; ``validate=False``
@@ -298,10 +324,12 @@ def train_vqhps(cfg, body, vqvae, name: str = "vqhps", stop_after: int | None = 
     _refuse_foreign(checkpoint_dir(cfg) / f"{name}.pt", meta)
     torch.manual_seed(cfg.seed)
     model = prepare_model(build_vqhps(hcfg, body, vqvae), cfg, device)
-    result = fit(cfg, name, model, vqhps_loss_fn(vqvae, body, hcfg), Schedule.of(hcfg),
-                 _arrays(cfg, "train", train_arrays), body, meta, augment=augment, stop_after=stop_after,
+    train_arrays = _arrays(cfg, "train", train_arrays)
+    tokens = token_table(vqvae, body, train_arrays, device, progress=cfg.runtime.progress)
+    result = fit(cfg, name, model, vqhps_loss_fn(vqvae, body, hcfg, tokens), Schedule.of(hcfg),
+                 train_arrays, body, meta, augment=augment, stop_after=stop_after,
                  predictor=vqhps_predictor(vqvae, body) if validate else None,
-                 val_arrays=_arrays(cfg, "val", val_arrays) if validate else None)
+                 val_arrays=_arrays(cfg, "val", val_arrays) if validate else None, meshes=hcfg.loss == "3d")
     return model.eval(), result
 
 
@@ -368,7 +396,7 @@ def train_vqhps_rot(cfg, body, vqvae, base_model: VQHPS, name: str = "vqhps_rot"
     result = fit(cfg, name, model, vqhps_rot_loss_fn(body, vqvae, rcfg), schedule, _arrays(cfg, "train", train_arrays),
                  body, meta, params=list(model.refiner.parameters()), augment=augment, stop_after=stop_after,
                  predictor=vqhps_predictor(vqvae, body) if validate else None,
-                 val_arrays=_arrays(cfg, "val", val_arrays) if validate else None)
+                 val_arrays=_arrays(cfg, "val", val_arrays) if validate else None, meshes=False)
     return model.eval(), result
 
 

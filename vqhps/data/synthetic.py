@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -373,53 +374,76 @@ def _worker_init(cfg_dict_profile: str, overrides: dict) -> None:
     _WORKER["renderer"] = ShardRenderer(load_body(cfg), cfg.data.crop_size)
 
 
-def _worker_render(args) -> tuple[int, dict]:
+def _worker_render(args) -> tuple[BenchmarkSpec, int, dict]:
     spec, shard = args
-    return shard, _WORKER["renderer"].render_shard(spec, shard)
+    return spec, shard, _WORKER["renderer"].render_shard(spec, shard)
+
+
+#: thread-count variables a render worker starts with: 14 processes each running a BLAS pool as wide
+#: as the machine would oversubscribe the cores many times over
+_WORKER_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def build_split(cfg, split: str, workers: int | None = None, progress: bool = True,
                 overrides: dict | None = None) -> Path:
     """Render a split's missing or corrupt shards and (re)write its manifest; returns the split folder."""
+    return build_splits(cfg, (split,), workers, progress, overrides)[split]
+
+
+def build_splits(cfg, splits: tuple[str, ...] = SPLITS, workers: int | None = None, progress: bool = True,
+                 overrides: dict | None = None) -> dict[str, Path]:
+    """Render the missing or corrupt shards of ``splits`` (one worker pool for all of them, largest
+    split first, so no split waits for another's last shard) and (re)write their manifests."""
     from vqhps.body import load_body
 
     root = cfg.data_dir / "benchmark"
     body = load_body(cfg)
-    spec = make_spec(cfg, split, body.identifier())
-    todo = check_split(root, spec)
-    if not todo:
-        return root / split
-    old = {}
-    mpath = manifest_path(root, split)
-    if mpath.exists() and len(todo) < spec.n_shards:
-        old = json.loads(mpath.read_text())["shards"]
-    shards = {k: v for k, v in old.items() if int(k) not in todo}
+    specs = {split: make_spec(cfg, split, body.identifier()) for split in splits}
+    todo = {split: check_split(root, spec) for split, spec in specs.items()}
+    shards: dict[str, dict[str, dict]] = {}
+    for split, spec in specs.items():
+        mpath = manifest_path(root, split)
+        old = json.loads(mpath.read_text())["shards"] if mpath.exists() and len(todo[split]) < spec.n_shards else {}
+        shards[split] = {k: v for k, v in old.items() if int(k) not in todo[split]}
+    tasks = [(specs[split], shard) for split in sorted(specs, key=lambda s: -specs[s].n) for shard in todo[split]]
     workers = cfg.data.num_workers if workers is None else workers
-    bar = tqdm(total=len(todo), desc=f"rendering {split}", disable=not progress)
-    if workers <= 0:
+    bar = tqdm(total=len(tasks), desc="rendering " + ", ".join(s for s in splits if todo[s]), disable=not progress)
+    if tasks and workers <= 0:
         renderer = ShardRenderer(body, cfg.data.crop_size)
         try:
-            for shard in todo:
-                shards[str(shard)] = _write_shard(root, spec, shard, renderer.render_shard(spec, shard))
+            for spec, shard in tasks:
+                shards[spec.split][str(shard)] = _write_shard(root, spec, shard, renderer.render_shard(spec, shard))
                 bar.update()
         finally:
             renderer.close()
-    else:
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(workers, initializer=_worker_init, initargs=(cfg.profile, overrides or {})) as pool:
-            pending = pool.imap_unordered(_worker_render, [(spec, s) for s in todo])
-            for _ in todo:
-                shard, arrays = pending.next(timeout=1800)
-                shards[str(shard)] = _write_shard(root, spec, shard, arrays)
-                bar.update()
+    elif tasks:
+        saved = {k: os.environ.get(k) for k in _WORKER_THREAD_ENV}
+        os.environ.update({k: "1" for k in _WORKER_THREAD_ENV})  # inherited by the spawned workers
+        try:
+            ctx = mp.get_context("spawn")
+            with ctx.Pool(min(workers, len(tasks)), initializer=_worker_init,
+                          initargs=(cfg.profile, overrides or {})) as pool:
+                pending = pool.imap_unordered(_worker_render, tasks)
+                for _ in tasks:
+                    spec, shard, arrays = pending.next(timeout=1800)
+                    shards[spec.split][str(shard)] = _write_shard(root, spec, shard, arrays)
+                    bar.update()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     bar.close()
-    _write_manifest(root, spec, dict(sorted(shards.items(), key=lambda kv: int(kv[0]))))
-    return root / split
+    for split, spec in specs.items():
+        if todo[split]:
+            _write_manifest(root, spec, dict(sorted(shards[split].items(), key=lambda kv: int(kv[0]))))
+    return {split: root / split for split in splits}
 
 
 def build_benchmark(cfg, workers: int | None = None, progress: bool = True) -> dict[str, Path]:
     """All three splits of the profile's benchmark (cached: only missing or corrupt shards render)."""
-    return {s: build_split(cfg, s, workers, progress) for s in SPLITS}
+    return build_splits(cfg, SPLITS, workers, progress)
 
 
 def load_split(cfg, split: str, verify: bool = True) -> dict[str, np.ndarray]:
