@@ -227,8 +227,10 @@ def _to_plain(obj: Any) -> Any:
 
 
 def full() -> Config:
-    """The study on one GPU: the defaults above."""
-    return Config(profile="full")
+    """The study on one GPU: the defaults above, except VQ-HPS's schedule. The authors' 1e-4 for
+    10 epochs fine-tunes ImageNet backbones; from scratch, within notebook 03's 10 minutes, it runs
+    6 epochs (lr step after 4) at 3e-4 and the refiner 1 epoch."""
+    return Config(profile="full", vqhps=VQHPSConfig(lr=3e-4, epochs=6, lr_step_epochs=4, refine_epochs=1))
 
 
 def smoke() -> Config:
