@@ -25,12 +25,21 @@ def save_figure(fig, results_dir: Path, name: str, dpi: int = 110) -> Path:
     return path
 
 
+#: tables longer than this (per-sample tables) are written as CSV only: no one reads them as markdown
+MARKDOWN_MAX_ROWS = 500
+
+
 def save_table(df: pd.DataFrame, results_dir: Path, name: str) -> Path:
-    """Write ``df`` to results_dir/tables/name.csv (and a markdown copy) and return the CSV path."""
+    """Write ``df`` to results_dir/tables/name.csv (and a markdown copy when it has at most
+    ``MARKDOWN_MAX_ROWS`` rows) and return the CSV path."""
     path = Path(results_dir) / "tables" / f"{name}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(path, index=True)
-    path.with_suffix(".md").write_text(df.to_markdown() if _has_tabulate() else df.to_string())
+    markdown = path.with_suffix(".md")
+    if len(df) <= MARKDOWN_MAX_ROWS:
+        markdown.write_text(df.to_markdown() if _has_tabulate() else df.to_string())
+    else:
+        markdown.unlink(missing_ok=True)
     return path
 
 

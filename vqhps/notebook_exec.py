@@ -7,6 +7,28 @@ import time
 from pathlib import Path
 
 
+def _display_fallback() -> None:
+    """Without IPython (no Jupyter here), ``from IPython.display import Markdown, display`` in a
+    notebook cell still works: objects print as text."""
+    import importlib.util
+    import sys
+    import types
+
+    if importlib.util.find_spec("IPython") is not None:
+        return
+    package, module = types.ModuleType("IPython"), types.ModuleType("IPython.display")
+
+    class Markdown(str):
+        def __new__(cls, data: str = "") -> "Markdown":
+            return super().__new__(cls, data)
+
+    module.Markdown = Markdown
+    module.display = lambda *objects, **_: print(*objects)
+    package.display = module
+    sys.modules.setdefault("IPython", package)
+    sys.modules.setdefault("IPython.display", module)
+
+
 def execute_inline(path: Path, parameters: dict) -> float:
     """Execute ``path``'s code cells in order in a fresh namespace; returns the wall time in seconds.
 
@@ -14,6 +36,7 @@ def execute_inline(path: Path, parameters: dict) -> float:
     import matplotlib
 
     matplotlib.use("Agg")
+    _display_fallback()
     cells = json.loads(Path(path).read_text())["cells"]
     namespace: dict = {"__name__": "__main__"}
     start = time.perf_counter()
