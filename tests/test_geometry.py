@@ -133,3 +133,21 @@ def test_heading_angle_and_bins_by_hand():
     # 4 bins of 90 degrees starting at -180: -170 -> 0, -30 -> 1, 0 -> 2, 90 -> 3
     assert heading_bins(R[[4, 3, 0, 1]], 4).tolist() == [0, 1, 2, 3]
     assert heading_bins(ry(-30.0)[None] @ facing[None], 12).item() == heading_bins((ry(150.0))[None], 12).item()
+
+
+def test_rotation_error_up_to_a_turn_forgives_front_back_swaps_only():
+    from vqhps.geometry import TURN_AROUND, rotation_angle_up_to_turn_deg
+
+    def about_y(deg):
+        a = math.radians(deg)
+        return torch.tensor([[math.cos(a), 0.0, math.sin(a)], [0.0, 1.0, 0.0], [-math.sin(a), 0.0, math.cos(a)]],
+                            dtype=torch.float64)
+
+    gt = rot6d_to_matrix(torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
+    turned = gt @ torch.tensor(TURN_AROUND, dtype=torch.float64)
+    assert rotation_angle_deg(turned, gt).item() == pytest.approx(180.0, abs=1e-6)
+    assert rotation_angle_up_to_turn_deg(turned, gt).item() == pytest.approx(0.0, abs=1e-6)
+    for deg, want in ((30.0, 30.0), (150.0, 30.0), (90.0, 90.0)):
+        assert rotation_angle_up_to_turn_deg(gt @ about_y(deg), gt).item() == pytest.approx(want, abs=1e-6)
+    tilted = gt @ rot6d_to_matrix(torch.tensor([1.0, 0.0, 0.0, 0.0, math.cos(0.3), math.sin(0.3)], dtype=torch.float64))
+    assert rotation_angle_up_to_turn_deg(tilted, gt).item() == pytest.approx(math.degrees(0.3), abs=1e-6)

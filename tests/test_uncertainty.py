@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from vqhps import failures, uncertainty as unc
+from vqhps import failures, figures_eval, hps_training as hps, uncertainty as unc
 from vqhps.config import UncertaintyConfig
 
 torch.set_num_threads(1)
@@ -259,18 +259,21 @@ def test_spread_vs_error_on_a_model(tiny_model, tmp_path):
         assert ex["vertex_spread"].shape == (body.n_vertices,) and ex["canonical"].shape == (body.n_vertices, 3)
         assert ex["spread"] == pytest.approx(float(frame.loc[frame["index"] == i, "spread"].iloc[0]), rel=1e-4)
     # the example meshes are the argmax predictions
-    preds = failures.predict_samples(model, vqvae, body, arrays, [5, 1], cfg, device)
-    assert np.allclose(examples[5]["canonical"], preds["canonical"][0], atol=1e-5)
+    two = {k: np.asarray(v)[[5, 1]] for k, v in arrays.items()}
+    argmax = hps.predict_split(vqhps_predictor(vqvae, body)(model), two, body, cfg, device, keys=("canonical",),
+                               progress=False)["canonical"]
+    assert np.allclose(examples[5]["canonical"], argmax[0].numpy(), atol=1e-5)
     # without randomness there is no spread
     cold = unc.spread_vs_error(model, vqvae, body, arrays, cfg, device, UncertaintyConfig(samples=3, temperature=0.0),
                                batch_size=4, progress=False)
     assert (cold["spread"] == 0).all()
     # the worst-case figure renders the prediction and the ground truth over each crop
     cases = failures.worst_cases(frame, 2)
-    preds = failures.predict_samples(model, vqvae, body, arrays, cases["index"].tolist(), cfg, device)
-    assert preds["vertices"].shape == (2, body.n_vertices, 3)
+    preds, truth = figures_eval.predict_samples({"VQ-HPS": vqhps_predictor(vqvae, body)(model)}, arrays,
+                                                cases["index"].tolist(), body, cfg, device)
+    assert preds["VQ-HPS"]["vertices"].shape == truth["vertices"].shape == (2, body.n_vertices, 3)
     faces = np.asarray(body.faces)
-    path = save_figure(failures.worst_cases_figure(cases, arrays, preds, faces), tmp_path, "worst")
+    path = save_figure(failures.worst_cases_figure(cases, arrays, preds["VQ-HPS"], truth, faces), tmp_path, "worst")
     assert _is_png(path)
 
 

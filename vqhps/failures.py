@@ -17,7 +17,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
 
 from .data.synthetic import LIGHT_NAMES  # noqa: E402
 from .metrics import METRIC_COLUMNS  # noqa: E402
@@ -85,39 +84,6 @@ def worst_cases(per_sample: pd.DataFrame, n: int = 6, metric: str = "PVE") -> pd
     return per_sample.sort_values(metric, ascending=False, kind="stable").head(n)
 
 
-# ---------------------------------------------------------------------------------------- overlays
-def ground_truth_overlay(arrays: dict[str, np.ndarray], i: int, canonical: np.ndarray, faces: np.ndarray,
-                         renderer) -> np.ndarray:
-    """Sample ``i``'s ground-truth mesh drawn over its crop with the true camera -> uint8 (S, S, 3):
-    canonical @ root_rot^T + trans, seen through the full-frame intrinsics composed with the crop."""
-    from .data.sample import crop_affine
-    from .render import composite
-
-    crop = arrays["image"][i]
-    size = crop.shape[0]
-    K_crop = np.vstack([crop_affine(arrays["bbox"][i], size), [0.0, 0.0, 1.0]]) @ arrays["K"][i].astype(np.float64)
-    verts = np.asarray(canonical, np.float64) @ arrays["root_rot"][i].astype(np.float64).T + arrays["trans"][i]
-    rgba, _ = renderer.render(verts, faces, K_crop, color=(0.55, 0.85, 0.55))
-    return composite(rgba, crop, alpha=0.8)
-
-
-@torch.no_grad()
-def predict_samples(model, vqvae, body, arrays: dict[str, np.ndarray], indices: Sequence[int], cfg,
-                    device: torch.device) -> dict[str, np.ndarray]:
-    """VQ-HPS predictions (vertices, canonical, cam) and ground-truth canonical meshes of a few
-    samples, in the order of ``indices``, as numpy arrays."""
-    from .hps_training import iterate_split
-
-    part = {k: v[np.asarray(indices, dtype=np.int64)] for k, v in arrays.items()}
-    out: dict[str, list] = {"vertices": [], "canonical": [], "cam": [], "gt_canonical": []}
-    for batch in iterate_split(part, body.to(device), cfg, device, progress=False):
-        pred = model.predict(batch["image"], vqvae, body)
-        for key in ("vertices", "canonical", "cam"):
-            out[key].append(pred[key].float().cpu().numpy())
-        out["gt_canonical"].append(batch["canonical"].float().cpu().numpy())
-    return {k: np.concatenate(v) for k, v in out.items()}
-
-
 def _case_title(row: pd.Series) -> str:
     labels = [LIGHT_NAMES[int(row["light"])]]
     if not bool(row["in_frame"]):
@@ -129,9 +95,10 @@ def _case_title(row: pd.Series) -> str:
 
 
 def worst_cases_figure(cases: pd.DataFrame, arrays: dict[str, np.ndarray], predictions: dict[str, np.ndarray],
-                       faces: np.ndarray, threshold: float = FLIP_THRESHOLD_DEG):
-    """One row per case: the input crop, the predicted mesh over it (predicted weak-perspective camera)
-    and the ground truth over it (true camera); flips are marked in the title."""
+                       truth: dict[str, np.ndarray], faces: np.ndarray, threshold: float = FLIP_THRESHOLD_DEG):
+    """One row per case: the input crop, the predicted mesh over it and the ground truth over it, each
+    with its own crop camera (``figures_eval.predict_samples`` on the cases' indices gives both
+    ``predictions`` and ``truth``: vertices (N, V, 3), cam (N, 3)); flips are marked in the title."""
     from .demo import render_overlay
     from .render import MeshRenderer
 
@@ -140,9 +107,9 @@ def worst_cases_figure(cases: pd.DataFrame, arrays: dict[str, np.ndarray], predi
     with MeshRenderer(size) as renderer:
         for r, (_, row) in enumerate(cases.iterrows()):
             i = int(row["index"])
-            pred = {"crop": arrays["image"][i], "cam": predictions["cam"][r], "vertices": predictions["vertices"][r]}
-            panels = (arrays["image"][i], render_overlay(pred, faces, renderer),
-                      ground_truth_overlay(arrays, i, predictions["gt_canonical"][r], faces, renderer))
+            crop = arrays["image"][i]
+            panels = (crop, *(render_overlay({"crop": crop, "cam": p["cam"][r], "vertices": p["vertices"][r]}, faces,
+                                             renderer) for p in (predictions, truth)))
             flip = " (flip)" if float(row["rot_err_deg"]) >= threshold else ""
             for c, (img, title) in enumerate(zip(panels, (_case_title(row), f"prediction{flip}", "ground truth"))):
                 ax = axes[r, c]

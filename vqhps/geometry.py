@@ -119,6 +119,19 @@ def rotation_angle_deg(R1: torch.Tensor, R2: torch.Tensor) -> torch.Tensor:
     return torch.rad2deg(torch.atan2(sin2, cos2))
 
 
+#: the body turned about its own vertical axis by 180 degrees (body frame: y up, facing +z)
+TURN_AROUND = ((-1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, -1.0))
+
+
+def rotation_angle_up_to_turn_deg(R_pred: torch.Tensor, R_gt: torch.Tensor) -> torch.Tensor:
+    """(..., 3, 3) x2 -> (...,) the smaller of the rotation errors against ``R_gt`` and against the
+    body turned around (``R_gt @ TURN_AROUND``): the error of an orientation that may have front and
+    back swapped. A diagnostic: it falls while the plain error still reads ~90 deg when a model has
+    learned the heading up to front/back (180 deg flips)."""
+    turned = R_gt @ torch.tensor(TURN_AROUND, dtype=R_gt.dtype, device=R_gt.device)
+    return torch.minimum(rotation_angle_deg(R_pred, R_gt), rotation_angle_deg(R_pred, turned))
+
+
 def weak_perspective_project(points: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
     """(B, J, 3) points and (B, 3) camera ``[s, tx, ty]`` -> (B, J, 2) = ``s * X[..., :2] + t``
     (paper eq. 3: scaled orthographic projection)."""

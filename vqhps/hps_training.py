@@ -28,7 +28,7 @@ from .config import VQHPSConfig
 from .data import synthetic
 from .data.datasets import Augmentation, BenchmarkDataset, canonical_targets, prepare_batch
 from .distributed import current
-from .geometry import rotation_angle_deg
+from .geometry import rotation_angle_deg, rotation_angle_up_to_turn_deg
 from .losses import rotation_mse
 from .metrics import METRIC_COLUMNS, evaluate_meshes, summarise
 from .models.layers import REGRESSION_MLP
@@ -253,7 +253,9 @@ def vqhps_loss_fn(vqvae, body, hcfg: VQHPSConfig, tokens: torch.Tensor | None = 
         losses = vqhps_losses(out, batch, vqvae, body, hcfg)
         result = {"loss": losses.pop("total"), **{k: v.detach() for k, v in losses.items()}}
         with torch.no_grad():
-            result["rot_err_deg"] = rotation_angle_deg(out["rotmat"].float(), batch["root_rot"].float()).mean()
+            R_pred, R_gt = out["rotmat"].float(), batch["root_rot"].float()
+            result["rot_err_deg"] = rotation_angle_deg(R_pred, R_gt).mean()
+            result["rot_err_up_to_turn_deg"] = rotation_angle_up_to_turn_deg(R_pred, R_gt).mean()
             result["token_acc"] = (out["ids"] == batch["token_ids"]).float().mean()
         return result
 
@@ -517,6 +519,7 @@ def history_frame(result: TrainResult, run: str, step_offset: int = 0) -> pd.Dat
 
 #: (column, axis label) of the learning-curve panels
 CURVE_PANELS = (("ce", "token cross-entropy"), ("rot_err_deg", "rotation error (deg)"),
+                ("rot_err_up_to_turn_deg", "rotation error up to a turn (deg)"),
                 ("reproj", "reprojection L1"), ("val_PVE", "validation PVE (mm)"))
 
 
