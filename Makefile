@@ -37,7 +37,7 @@ system-libs:
 test: setup unit-test notebook-test
 
 unit-test: setup
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q --durations=15 tests
 
 notebook-test: setup
 	$(PYTHON) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks/
