@@ -86,12 +86,17 @@ class VaryingConv(nn.Module):
     def _compute_kernels(self) -> Tensor:
         n_out, k = self.index.shape
         r = self.residual_rate
-        coeff = self.coeff * self.mask.unsqueeze(-1)
-        w = torch.einsum("vkm,mio->vkio", coeff, self.basis) * math.sqrt(1.0 - r)
+        # every scale lands on the small (N_out, K, M) coefficients; the residual path joins as one more
+        # basis kernel (its channel map) with the averaging weights as coefficients, so the large
+        # (N_out, K, C_in, C_out) tensor is written once, by one matrix product
+        coeff = self.coeff * (self.mask * math.sqrt(1.0 - r)).unsqueeze(-1)
+        basis = self.basis
         if r > 0 and self.res_weight is not None:
             mix = (self.channel_map.weight.t() if self.channel_map is not None
-                   else torch.eye(self.in_channels, device=w.device, dtype=w.dtype))
-            w = w + (math.sqrt(r) * self.res_weight)[:, :, None, None] * mix
+                   else torch.eye(self.in_channels, device=basis.device, dtype=basis.dtype))
+            coeff = torch.cat((coeff, (math.sqrt(r) * self.res_weight).unsqueeze(-1).to(coeff.dtype)), dim=-1)
+            basis = torch.cat((basis, mix.unsqueeze(0).to(basis.dtype)), dim=0)
+        w = torch.einsum("vkm,mio->vkio", coeff, basis)
         return w.reshape(n_out, k * self.in_channels, self.out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
