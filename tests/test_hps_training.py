@@ -112,6 +112,15 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, body, vq
     assert sum("val_PVE" in r for r in full.history) == 3  # one validation per epoch
 
 
+def test_a_finished_run_reloads_without_encoding_its_token_targets(body, vqvae, trained, monkeypatch):
+    cfg, model, result, kwargs = trained
+    monkeypatch.setattr(H, "token_table", lambda *a, **k: pytest.fail("a finished run encoded its targets"))
+    again, again_result = H.train_vqhps(cfg, body, vqvae, name="run", **kwargs)
+    assert again_result.history[-1]["step"] == result.history[-1]["step"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+
+
 def test_evaluation_protocol_on_oracles(smoke_cfg, body, splits):
     test = subset(splits["test"], 8)
     shift = torch.tensor([0.3, -1.0, 4.0])

@@ -237,15 +237,20 @@ def token_table(vqvae, body, arrays: dict[str, np.ndarray], device: torch.device
     return torch.cat(rows)
 
 
-def vqhps_loss_fn(vqvae, body, hcfg: VQHPSConfig, tokens: torch.Tensor | None = None):
+def vqhps_loss_fn(vqvae, body, hcfg: VQHPSConfig,
+                  tokens: torch.Tensor | Callable[[], torch.Tensor] | None = None):
     """``loss_fn(model, batch, step)`` of VQ-HPS: ground-truth token ids looked up in ``tokens``
-    (``token_table``) by the batch's sample index and flip, or else encoded from the batch's canonical
-    meshes by the frozen Mesh-VQ-VAE (fp32); the paper's losses (``vqhps_losses``), plus rotation
-    error (deg) and token accuracy."""
+    (``token_table``, or a function returning it, called at the first step) by the batch's sample
+    index and flip, or else encoded from the batch's canonical meshes by the frozen Mesh-VQ-VAE
+    (fp32); the paper's losses (``vqhps_losses``), plus rotation error (deg) and token accuracy."""
+    table: list[torch.Tensor] = [] if callable(tokens) else [tokens] if tokens is not None else []
 
     def loss_fn(model, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        if tokens is not None:
-            batch["token_ids"] = tokens[batch["index"].to(tokens.device), batch["flipped"].long().to(tokens.device)]
+        if callable(tokens) and not table:
+            table.append(tokens())
+        if table:
+            ids = table[0]
+            batch["token_ids"] = ids[batch["index"].to(ids.device), batch["flipped"].long().to(ids.device)]
         else:
             with torch.no_grad(), torch.autocast(batch["canonical"].device.type, enabled=False):
                 batch["token_ids"] = vqvae.encode(batch["canonical"].float())
@@ -313,8 +318,9 @@ def train_vqhps(cfg, body, vqvae, name: str = "vqhps", stop_after: int | None = 
                 augment: bool = True, validate: bool = True, **overrides) -> tuple[VQHPS, TrainResult]:
     """Train VQ-HPS (paper Sec. 4.3) and return (model in eval mode, TrainResult).
 
-    Token targets come from the frozen ``vqvae``, encoded once for the whole split (``token_table``;
-    pass the stage it was loaded from as ``vqvae_stage``: it is recorded). ``overrides`` are VQHPSConfig fields, so the Table 2 ablations
+    Token targets come from the frozen ``vqvae``, encoded once for the whole split at the first
+    step (``token_table``; not at all when the checkpoint is already complete; pass the stage the
+    Mesh-VQ-VAE was loaded from as ``vqvae_stage``: it is recorded). ``overrides`` are VQHPSConfig fields, so the Table 2 ablations
     run here under their own ``name``: ``loss="3d"``, ``use_reprojection=False``, or a pre-train-only
     Mesh-VQ-VAE (``vqvae=load_mesh_vqvae(cfg, body, "pretrain")``, ``vqvae_stage="pretrain"``).
     ``train_arrays``/``val_arrays`` default to the profile's train/val splits; ``validate=False``
@@ -327,7 +333,7 @@ def train_vqhps(cfg, body, vqvae, name: str = "vqhps", stop_after: int | None = 
     torch.manual_seed(cfg.seed)
     model = prepare_model(build_vqhps(hcfg, body, vqvae), cfg, device)
     train_arrays = _arrays(cfg, "train", train_arrays)
-    tokens = token_table(vqvae, body, train_arrays, device, progress=cfg.runtime.progress)
+    tokens = lambda: token_table(vqvae, body, train_arrays, device, progress=cfg.runtime.progress)  # noqa: E731
     result = fit(cfg, name, model, vqhps_loss_fn(vqvae, body, hcfg, tokens), Schedule.of(hcfg),
                  train_arrays, body, meta, augment=augment, stop_after=stop_after,
                  predictor=vqhps_predictor(vqvae, body) if validate else None,
