@@ -332,15 +332,15 @@ def vqhps_training_rig(cfg, body, vqvae, device: torch.device, global_batch: int
 
     hcfg = vqhps_config(cfg, backbone_weights=None)
     arrays = random_split_arrays(cfg, body, n_images)
-    tokens = token_table(vqvae, body, arrays, device)
     batch_fn = benchmark_batches(cfg, arrays, body, device, augment=True, batch_size=global_batch,
                                  meshes=hcfg.loss == "3d")
     torch.manual_seed(cfg.seed)
     model = prepare_model(build_vqhps(hcfg, body, vqvae), cfg, device).train()
     optimizer, scheduler = schedule_optimizer(model.parameters(), Schedule.of(hcfg), batch_fn.steps_per_epoch,
                                               device)
-    return TrainingRig(model, wrap_ddp(model), optimizer, scheduler, vqhps_loss_fn(vqvae, body, hcfg, tokens),
-                       batch_fn, cfg.runtime.amp)
+    tokens = token_table(vqvae, body, arrays, device)  # before any timed step, even without warm-up
+    loss_fn = vqhps_loss_fn(vqvae, body, hcfg, lambda: tokens)
+    return TrainingRig(model, wrap_ddp(model), optimizer, scheduler, loss_fn, batch_fn, cfg.runtime.amp)
 
 
 def bench_vqhps(cfg, body, device: torch.device, s: BenchSettings) -> list[dict]:

@@ -12,6 +12,7 @@ VQ-HPS specifics live in small functions: ``build_vqhps``, ``vqhps_loss_fn``, ``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -237,19 +238,17 @@ def token_table(vqvae, body, arrays: dict[str, np.ndarray], device: torch.device
     return torch.cat(rows)
 
 
-def vqhps_loss_fn(vqvae, body, hcfg: VQHPSConfig,
-                  tokens: torch.Tensor | Callable[[], torch.Tensor] | None = None):
-    """``loss_fn(model, batch, step)`` of VQ-HPS: ground-truth token ids looked up in ``tokens``
-    (``token_table``, or a function returning it, called at the first step) by the batch's sample
-    index and flip, or else encoded from the batch's canonical meshes by the frozen Mesh-VQ-VAE
-    (fp32); the paper's losses (``vqhps_losses``), plus rotation error (deg) and token accuracy."""
-    table: list[torch.Tensor] = [] if callable(tokens) else [tokens] if tokens is not None else []
+def vqhps_loss_fn(vqvae, body, hcfg: VQHPSConfig, tokens: Callable[[], torch.Tensor] | None = None):
+    """``loss_fn(model, batch, step)`` of VQ-HPS: ground-truth token ids looked up by the batch's
+    sample index and flip in the table ``tokens()`` returns (``token_table``; called once, at the
+    first step), or without ``tokens`` encoded from the batch's canonical meshes by the frozen
+    Mesh-VQ-VAE (fp32); the paper's losses (``vqhps_losses``), plus rotation error (deg) and token
+    accuracy."""
+    table = functools.cache(tokens) if tokens is not None else None
 
     def loss_fn(model, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        if callable(tokens) and not table:
-            table.append(tokens())
-        if table:
-            ids = table[0]
+        if table is not None:
+            ids = table()
             batch["token_ids"] = ids[batch["index"].to(ids.device), batch["flipped"].long().to(ids.device)]
         else:
             with torch.no_grad(), torch.autocast(batch["canonical"].device.type, enabled=False):
@@ -320,9 +319,10 @@ def train_vqhps(cfg, body, vqvae, name: str = "vqhps", stop_after: int | None = 
 
     Token targets come from the frozen ``vqvae``, encoded once for the whole split at the first
     step (``token_table``; not at all when the checkpoint is already complete; pass the stage the
-    Mesh-VQ-VAE was loaded from as ``vqvae_stage``: it is recorded). ``overrides`` are VQHPSConfig fields, so the Table 2 ablations
-    run here under their own ``name``: ``loss="3d"``, ``use_reprojection=False``, or a pre-train-only
-    Mesh-VQ-VAE (``vqvae=load_mesh_vqvae(cfg, body, "pretrain")``, ``vqvae_stage="pretrain"``).
+    Mesh-VQ-VAE was loaded from as ``vqvae_stage``: it is recorded). ``overrides`` are VQHPSConfig
+    fields, so the Table 2 ablations run here under their own ``name``: ``loss="3d"``,
+    ``use_reprojection=False``, or a pre-train-only Mesh-VQ-VAE
+    (``vqvae=load_mesh_vqvae(cfg, body, "pretrain")``, ``vqvae_stage="pretrain"``).
     ``train_arrays``/``val_arrays`` default to the profile's train/val splits; ``validate=False``
     skips the per-epoch validation."""
     hcfg = vqhps_config(cfg, **overrides)
