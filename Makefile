@@ -7,6 +7,8 @@ STAMP := $(VENV)/.vqhps-setup
 NPROC ?= 1
 # full on a CUDA machine, smoke elsewhere (override: make reproduce PROFILE=smoke)
 PROFILE ?= $(shell $(PYTHON) -c "import torch; print('full' if torch.cuda.is_available() else 'smoke')" 2>/dev/null || echo smoke)
+# full on one GPU: the trainings run as background jobs beside the notebooks (OVERLAP= turns it off)
+OVERLAP ?= $(if $(and $(filter full,$(PROFILE)),$(filter 1,$(NPROC))),--overlap)
 
 .PHONY: setup system-libs test unit-test notebook-test reproduce bench clean
 
@@ -43,8 +45,8 @@ notebook-test: setup
 	$(PYTHON) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks/
 
 reproduce: setup
-	@echo "make reproduce: profile $(PROFILE), $(NPROC) process(es)"
-	$(PYTHON) -m vqhps reproduce --profile $(PROFILE) --nproc $(NPROC)
+	@echo "make reproduce: profile $(PROFILE), $(NPROC) process(es) $(OVERLAP)"
+	$(PYTHON) -m vqhps reproduce --profile $(PROFILE) --nproc $(NPROC) $(OVERLAP)
 
 bench: setup
 	$(PYTHON) -m vqhps bench --profile $(PROFILE)

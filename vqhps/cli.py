@@ -327,7 +327,7 @@ def _demo(args) -> int:
 def _reproduce(args) -> int:
     from .reproduce import reproduce
 
-    return reproduce(args.profile, nproc=args.nproc, only=args.only)
+    return reproduce(args.profile, nproc=args.nproc, only=args.only, overlap=args.overlap, runner=args.runner)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -392,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("reproduce", _reproduce, "run notebooks/0*.ipynb in order with papermill", overrides=False)
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for the training notebooks")
     p.add_argument("--only", nargs="*", help="notebook name prefixes to run, e.g. 00 01")
+    p.add_argument("--overlap", action="store_true",
+                   help="one GPU: run the trainings (Mesh-VQ-VAE, baselines, VQ-HPS, Table 2) as background jobs "
+                        "beside the notebooks, each started as soon as its inputs exist")
+    p.add_argument("--runner", choices=("papermill", "inline"), default="papermill",
+                   help="papermill (executed copies under results/<profile>/notebooks/) or inline (the code "
+                        "cells in this process; no Jupyter kernel needed)")
     return parser
 
 

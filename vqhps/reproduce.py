@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shlex
 import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import PROJECT_ROOT, load_config
@@ -44,13 +48,118 @@ def write_manifest(path: Path, entries: dict) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(entries, indent=2, sort_keys=True).encode()))
 
 
-def reproduce(profile: str, nproc: int = 1, only: list[str] | None = None) -> int:
+@dataclass(frozen=True)
+class BackgroundJob:
+    """A training that ``reproduce --overlap`` runs beside the notebooks, as ``python -m vqhps`` commands
+    (one after another): started once the notebooks and jobs in ``after`` are done, waited for before
+    the first notebook in ``needed_by`` runs, which then finds the finished checkpoints and only
+    evaluates and draws."""
+
+    name: str
+    commands: tuple[tuple[str, ...], ...]
+    after: tuple[str, ...]
+    needed_by: str
+
+
+def overlap_jobs() -> tuple[BackgroundJob, ...]:
+    """The trainings of the study and what each needs: the Mesh-VQ-VAE needs no images (its corpus and
+    the training split's poses are sampled, not rendered), so it trains while notebook 00 renders; the
+    baselines need images only; VQ-HPS and the Table 2 runs need both. On one GPU a single training
+    leaves it partly idle (kernel launches, input), so these run side by side."""
+    from .ablations import RUNS
+    from .baseline_training import BASELINES
+
+    return (
+        BackgroundJob("mesh_vqvae", (("train-vae", "--stage", "both"),), after=(), needed_by="01"),
+        BackgroundJob("baselines", tuple(("train", "--name", n) for n in BASELINES), after=("00",), needed_by="04"),
+        BackgroundJob("vqhps", (("train", "--name", "vqhps"),), after=("00", "mesh_vqvae"), needed_by="03"),
+        BackgroundJob("ablations", tuple(("train", "--name", n) for n in RUNS), after=("00", "mesh_vqvae"),
+                      needed_by="05"),
+    )
+
+
+class JobRunner:
+    """Starts ``BackgroundJob``s as child processes (logs under ``log_dir``) and tracks what is done."""
+
+    def __init__(self, jobs: tuple[BackgroundJob, ...], profile: str, log_dir: Path, threads: int) -> None:
+        self.jobs, self.profile, self.log_dir, self.threads = jobs, profile, log_dir, threads
+        self.done: set[str] = set()
+        self.procs: dict[str, tuple[subprocess.Popen, float]] = {}
+        self.walls: dict[str, dict] = {}
+
+    def _script(self, job: BackgroundJob) -> str:
+        exe = shlex.quote(sys.executable)
+        return " && ".join(f"{exe} -m vqhps {' '.join(map(shlex.quote, c))} --profile {shlex.quote(self.profile)} "
+                           f"--set runtime.progress=false" for c in job.commands)
+
+    def start_ready(self) -> None:
+        """Start every job whose ``after`` items are all done."""
+        for job in self.jobs:
+            if job.name not in self.procs and all(a in self.done for a in job.after):
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                log = open(self.log_dir / f"{job.name}.log", "wb")  # noqa: SIM115 - the child holds it
+                env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
+                proc = subprocess.Popen(["bash", "-c", self._script(job)], stdout=log, stderr=subprocess.STDOUT,
+                                        env=env, cwd=PROJECT_ROOT)
+                self.procs[job.name] = (proc, time.perf_counter())
+                print(f"  started {job.name} in the background (log: {log.name})", flush=True)
+
+    def poll(self) -> None:
+        """Record finished jobs; a failed job raises with its log's path."""
+        for name, (proc, start) in list(self.procs.items()):
+            if name in self.done or proc.poll() is None:
+                continue
+            wall = round(time.perf_counter() - start, 1)
+            self.walls[name] = {"status": "ok" if proc.returncode == 0 else "failed", "wall_s": wall,
+                                "commands": self._script(next(j for j in self.jobs if j.name == name))}
+            if proc.returncode != 0:
+                raise RuntimeError(f"background job {name!r} failed (exit {proc.returncode}); "
+                                   f"see {self.log_dir / (name + '.log')}")
+            self.done.add(name)
+            print(f"  {name} done in {wall:.0f} s", flush=True)
+            self.start_ready()
+
+    def wait_for(self, notebook: str) -> None:
+        """Block (starting jobs as they become ready) until every job needed by ``notebook`` is done."""
+        needed = {j.name for j in self.jobs if notebook.startswith(j.needed_by)}
+        self.start_ready()
+        self.poll()
+        while needed - self.done:
+            missing = needed - self.done - set(self.procs)
+            if missing:
+                raise RuntimeError(f"notebook {notebook} needs job(s) {sorted(missing)}, which cannot start: "
+                                   f"their prerequisites are not done")
+            time.sleep(2.0)
+            self.poll()
+
+    def stop(self) -> None:
+        for proc, _ in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+
+
+def _execute(nb: Path, out_dir: Path, parameters: dict, runner: str) -> None:
+    if runner == "inline":  # no Jupyter kernel: the code cells in this process (vqhps.notebook_exec)
+        from .notebook_exec import execute_inline
+
+        execute_inline(nb, parameters)
+        return
+    import papermill
+
+    papermill.execute_notebook(str(nb), str(out_dir / nb.name), parameters=parameters, kernel_name="python3",
+                               cwd=str(nb.parent), progress_bar=False)
+
+
+def reproduce(profile: str, nproc: int = 1, only: list[str] | None = None, overlap: bool = False,
+              runner: str = "papermill") -> int:
     """Execute every notebook for ``profile``; stop at the first failure and name it. Returns an exit code.
 
     ``nproc`` reaches every notebook as a papermill parameter: with more than one, the training
     notebooks run their training through :func:`vqhps.distributed.launch` (torchrun, DDP), then load
-    the finished checkpoints in-process, so both paths share the same code."""
-    import papermill
+    the finished checkpoints in-process, so both paths share the same code. ``overlap`` (one process)
+    runs the trainings of ``overlap_jobs`` beside the notebooks instead; the manifest then records each
+    job's wall time and the elapsed time of the whole run. ``runner="inline"`` executes the code cells
+    in this process (no Jupyter kernel needed; no executed copies are written)."""
     import torch
 
     if nproc < 1:
@@ -58,33 +167,54 @@ def reproduce(profile: str, nproc: int = 1, only: list[str] | None = None) -> in
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise ValueError(f"--nproc {nproc} (make reproduce NPROC={nproc}) but only {torch.cuda.device_count()} "
                          f"GPU(s) are visible; use at most one process per GPU")
+    if overlap and nproc > 1:
+        raise ValueError("--overlap runs the trainings side by side on one GPU; with --nproc > 1 each training "
+                         "uses every GPU in turn instead: choose one of them")
+    if runner not in ("papermill", "inline"):
+        raise ValueError(f"unknown notebook runner {runner!r}; choose papermill or inline")
     cfg = load_config(profile)
     out_dir = cfg.results_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = cfg.results_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     manifest.update(environment_facts())
-    manifest["profile"] = profile
-    manifest["nproc"] = nproc
-    manifest["config"] = cfg.to_dict()
+    manifest.update(profile=profile, nproc=nproc, overlap=overlap, runner=runner, config=cfg.to_dict())
     manifest.setdefault("notebooks", {})
-    for nb in notebooks():
-        if only and not any(nb.name.startswith(o) for o in only):
-            continue
-        print(f"[{profile}] {nb.name} ...", flush=True)
-        start = time.perf_counter()
-        try:
-            papermill.execute_notebook(str(nb), str(out_dir / nb.name), parameters={"profile": profile, "nproc": nproc},
-                                       kernel_name="python3", cwd=str(nb.parent), progress_bar=False)
-        except Exception as err:  # papermill raises PapermillExecutionError with the failing cell
-            print(f"FAILED: notebooks/{nb.name} (executed copy: {out_dir / nb.name})\n{err}", flush=True)
-            manifest["notebooks"][nb.name] = {"status": "failed", "wall_s": round(time.perf_counter() - start, 1)}
+    selected = [nb for nb in notebooks() if not only or any(nb.name.startswith(o) for o in only)]
+    jobs = None
+    if overlap:
+        needed = tuple(j for j in overlap_jobs() if any(nb.name.startswith(j.needed_by) for nb in selected))
+        jobs = JobRunner(needed, profile, cfg.results_dir / "logs" / "jobs", max(1, (os.cpu_count() or 4) // 4))
+        # notebooks not selected and jobs no selected notebook needs: done by an earlier run
+        jobs.done.update([nb.name[:2] for nb in notebooks() if nb not in selected]
+                         + [j.name for j in overlap_jobs() if j not in needed])
+    started = time.perf_counter()
+    try:
+        for nb in selected:
+            if jobs is not None:
+                jobs.wait_for(nb.name)
+            print(f"[{profile}] {nb.name} ...", flush=True)
+            start = time.perf_counter()
+            try:
+                _execute(nb, out_dir, {"profile": profile, "nproc": nproc}, runner)
+            except Exception as err:  # papermill raises PapermillExecutionError with the failing cell
+                where = f" (executed copy: {out_dir / nb.name})" if runner == "papermill" else ""
+                print(f"FAILED: notebooks/{nb.name}{where}\n{err}", flush=True)
+                manifest["notebooks"][nb.name] = {"status": "failed", "wall_s": round(time.perf_counter() - start, 1)}
+                write_manifest(manifest_path, manifest)
+                return 1
+            wall = time.perf_counter() - start
+            manifest["notebooks"][nb.name] = {"status": "ok", "wall_s": round(wall, 1)}
+            if jobs is not None:
+                jobs.done.add(nb.name[:2])
+                jobs.start_ready()
+                manifest["background_jobs"] = jobs.walls
             write_manifest(manifest_path, manifest)
-            return 1
-        wall = time.perf_counter() - start
-        manifest["notebooks"][nb.name] = {"status": "ok", "wall_s": round(wall, 1)}
-        write_manifest(manifest_path, manifest)
-        print(f"[{profile}] {nb.name} done in {wall:.0f} s", flush=True)
+            print(f"[{profile}] {nb.name} done in {wall:.0f} s", flush=True)
+    finally:
+        if jobs is not None:
+            jobs.stop()
     manifest["total_wall_s"] = round(sum(v["wall_s"] for v in manifest["notebooks"].values()), 1)
+    manifest["elapsed_s"] = round(time.perf_counter() - started, 1)
     write_manifest(manifest_path, manifest)
     return 0

@@ -1,0 +1,58 @@
+"""``reproduce --overlap``: background trainings start when their inputs exist and notebooks wait for them."""
+import time
+
+import pytest
+
+from vqhps.reproduce import BackgroundJob, JobRunner, overlap_jobs
+
+
+def _runner(tmp_path, jobs, scripts):
+    runner = JobRunner(jobs, "smoke", tmp_path / "logs", threads=1)
+    runner._script = lambda job: scripts[job.name]  # stand-ins for `python -m vqhps ...`
+    return runner
+
+
+def test_jobs_start_after_their_inputs_and_notebooks_wait_for_them(tmp_path):
+    trace = tmp_path / "trace"
+    jobs = (BackgroundJob("a", (), after=(), needed_by="01"),
+            BackgroundJob("b", (), after=("00", "a"), needed_by="02"))
+    runner = _runner(tmp_path, jobs, {"a": f"sleep 0.5; echo a >> {trace}", "b": f"echo b >> {trace}"})
+    runner.wait_for("00_data.ipynb")  # needs nothing: starts a, returns at once
+    assert set(runner.procs) == {"a"} and "a" not in runner.done
+    runner.done.add("00")
+    start = time.perf_counter()
+    runner.wait_for("01_mesh_vqvae.ipynb")  # blocks until a is done, which makes b ready
+    assert time.perf_counter() - start >= 0.3
+    assert "a" in runner.done and "b" in runner.procs
+    runner.wait_for("02_reconstruction.ipynb")
+    assert trace.read_text().split() == ["a", "b"]
+    assert runner.walls["a"]["status"] == "ok" and runner.walls["a"]["wall_s"] >= 0.4
+    assert (tmp_path / "logs" / "b.log").exists()
+
+
+def test_a_failed_job_stops_the_run_and_names_its_log(tmp_path):
+    runner = _runner(tmp_path, (BackgroundJob("bad", (), after=(), needed_by="01"),),
+                     {"bad": "echo broken; exit 3"})
+    with pytest.raises(RuntimeError, match=r"'bad' failed \(exit 3\).*bad\.log"):
+        runner.wait_for("01_mesh_vqvae.ipynb")
+    assert "broken" in (tmp_path / "logs" / "bad.log").read_text()
+
+
+def test_a_job_whose_inputs_never_come_is_reported(tmp_path):
+    runner = _runner(tmp_path, (BackgroundJob("late", (), after=("00",), needed_by="01"),), {"late": "true"})
+    with pytest.raises(RuntimeError, match="cannot start"):
+        runner.wait_for("01_mesh_vqvae.ipynb")
+
+
+def test_the_study_schedule_trains_every_model_before_the_notebook_that_evaluates_it():
+    from vqhps.ablations import RUNS
+    from vqhps.baseline_training import BASELINES
+
+    jobs = {j.name: j for j in overlap_jobs()}
+    trained = {c[c.index("--name") + 1] for j in jobs.values() for c in j.commands if "--name" in c}
+    assert trained == {"vqhps", *BASELINES, *RUNS}
+    assert jobs["mesh_vqvae"].after == () and jobs["mesh_vqvae"].needed_by == "01"
+    for name in ("vqhps", "ablations"):  # token targets come from the Mesh-VQ-VAE, images from notebook 00
+        assert {"00", "mesh_vqvae"} <= set(jobs[name].after)
+    assert jobs["vqhps"].needed_by == "03" and jobs["baselines"].needed_by == "04"
+    assert jobs["ablations"].needed_by == "05"
