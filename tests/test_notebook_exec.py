@@ -34,6 +34,8 @@ def test_markdown_cells_run_without_ipython(tmp_path, monkeypatch, capsys):
         monkeypatch.delitem(sys.modules, name)
     nb = _notebook(tmp_path / "nb.ipynb", [
         ("from IPython.display import Markdown, display\ndisplay(Markdown('**the analysis**'))", []),
+        # progress bars probe for a notebook front end; outside one they fall back to text
+        ("import IPython\nassert IPython.get_ipython() is None\nfrom tqdm.auto import tqdm\nlist(tqdm(range(2)))", []),
     ])
     try:
         execute_inline(nb, {})

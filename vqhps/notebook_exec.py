@@ -25,6 +25,7 @@ def _display_fallback() -> None:
     module.Markdown = Markdown
     module.display = lambda *objects, **_: print(*objects)
     package.display = module
+    package.get_ipython = lambda: None  # what libraries that probe for a notebook (tqdm.auto) see outside one
     sys.modules.setdefault("IPython", package)
     sys.modules.setdefault("IPython.display", module)
 
