@@ -26,6 +26,7 @@ def _display_fallback() -> None:
     module.display = lambda *objects, **_: print(*objects)
     package.display = module
     package.get_ipython = lambda: None  # what libraries that probe for a notebook (tqdm.auto) see outside one
+    package.version_info = (0, 0, 0)
     sys.modules.setdefault("IPython", package)
     sys.modules.setdefault("IPython.display", module)
 
@@ -37,7 +38,6 @@ def execute_inline(path: Path, parameters: dict) -> float:
     import matplotlib
 
     matplotlib.use("Agg")
-    _display_fallback()
     cells = json.loads(Path(path).read_text())["cells"]
     namespace: dict = {"__name__": "__main__"}
     start = time.perf_counter()
@@ -46,6 +46,8 @@ def execute_inline(path: Path, parameters: dict) -> float:
             continue
         source = "".join(cell["source"])
         lines = [ln for ln in source.splitlines() if not ln.lstrip().startswith(("%", "!"))]
+        if "IPython" in source:  # only then: libraries that probe for IPython must not find a stand-in
+            _display_fallback()
         code = compile("\n".join(lines), f"{Path(path).name}[cell {i}]", "exec")
         exec(code, namespace)  # noqa: S102 - the project's own notebooks
         if "parameters" in cell.get("metadata", {}).get("tags", []):
