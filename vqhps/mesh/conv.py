@@ -13,6 +13,9 @@ fixed weight times its channel map) are formed once per call (they do not depend
 input is gathered once into (B, N_out, K * C_in), and one batched matmul over vertices gives
 (N_out, B, C_out) on tensor cores. Neither the (N_out, B, C_in * m) basis responses nor a separate
 residual gather are materialised, which is what bounds the speed of this layer; no loop over vertices.
+Without autograd, fp32 inputs on CUDA take a fused Triton kernel (:mod:`vqhps.mesh.fused`) that reads
+neighbours in place instead of materialising the gather, with the same-level residual folded in as one
+more neighbour (the vertex itself); ``VQHPS_FUSED_CONV=0`` turns it off.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vqhps.mesh import fused
 from vqhps.mesh.hierarchy import MeshHierarchy
 
 
@@ -67,21 +71,61 @@ class VaryingConv(nn.Module):
     def n_out(self) -> int:
         return int(self.index.shape[0])
 
+    def _params(self) -> list[Tensor]:
+        """The parameters the kernels are built from."""
+        return [p for p in (self.coeff, self.basis, getattr(self.channel_map, "weight", None)) if p is not None]
+
+    def _cache_key(self) -> tuple | None:
+        """Key of the kernel caches, or None where they must not be used (autograd, compiling)."""
+        params = self._params()
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return None
+        amp = torch.is_autocast_enabled(self.coeff.device.type)
+        return (tuple((p.data_ptr(), p._version, p.dtype) for p in params), amp,
+                torch.get_autocast_dtype(self.coeff.device.type) if amp else None)
+
     def kernels(self) -> Tensor:
         """Per-output-vertex kernels (N_out, K * C_in, C_out), residual path folded in: rows ordered
         (neighbour, input channel) like the gathered input. Without autograd (a frozen model, or under
         ``torch.no_grad``) they are kept until a parameter changes (in-place update, reload, move)."""
-        params = [p for p in (self.coeff, self.basis, getattr(self.channel_map, "weight", None)) if p is not None]
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        key = self._cache_key()
+        if key is None:
             return self._compute_kernels()
-        amp = torch.is_autocast_enabled(self.coeff.device.type)
-        key = (tuple((p.data_ptr(), p._version, p.dtype) for p in params), amp,
-               torch.get_autocast_dtype(self.coeff.device.type) if amp else None)
         cached = self.__dict__.get("_kernel_cache")
         if cached is None or cached[0] != key:
             cached = (key, self._compute_kernels().detach())
             self.__dict__["_kernel_cache"] = cached
         return cached[1]
+
+    def fused_operands(self) -> tuple[Tensor, Tensor]:
+        """(index (N_out, K'), kernels (N_out, K' * C_in, C_out)) for the fused kernel, cached like
+        :meth:`kernels`: for a same-level residual, one extra neighbour (the vertex itself) whose
+        kernel is sqrt(r) times the channel map, so the kernel only sums neighbours."""
+        key = self._cache_key()
+        cached = self.__dict__.get("_fused_cache")
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        w = self.kernels()
+        index = self.index
+        if self.residual_rate > 0 and self.res_weight is None:
+            n_out = self.n_out
+            mix = (self.channel_map.weight.t() if self.channel_map is not None
+                   else torch.eye(self.in_channels, device=w.device, dtype=w.dtype))
+            self_w = (math.sqrt(self.residual_rate) * mix).to(w.dtype).expand(n_out, -1, -1)
+            w = torch.cat((w, self_w), dim=1)
+            index = torch.cat((index, torch.arange(n_out, device=index.device).unsqueeze(1)), dim=1)
+        operands = (index.contiguous(), w.detach().contiguous())
+        if key is not None:
+            self.__dict__["_fused_cache"] = (key, operands)
+        return operands
+
+    def _use_fused(self, x: Tensor) -> bool:
+        """The fused kernel serves fp32 inference: no autograd, no autocast, no compiling, Triton there."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return False
+        return (x.dtype == torch.float32 and self.basis.dtype == torch.float32
+                and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
+                and fused.available(x))
 
     def _compute_kernels(self) -> Tensor:
         n_out, k = self.index.shape
@@ -102,6 +146,10 @@ class VaryingConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, N_in, C_in) -> (B, N_out, C_out). The output is a transposed view of a contiguous
         (N_out, B, C_out) tensor; the next layer's gather reads it without a copy."""
+        if self._use_fused(x):
+            index, w = self.fused_operands()
+            bias = self.bias * math.sqrt(1.0 - self.residual_rate)
+            return fused.fused_varying_conv(x, index, w, bias, self.activation)
         b, _, c_in = x.shape
         n_out, k = self.index.shape
         gathered = x.index_select(1, self.index.reshape(-1)).view(b, n_out, k * c_in)
