@@ -2,6 +2,7 @@
 the same run, the parts ``--only`` selects, JSON + CSV files, and the DDP scaling run on 2 CPU
 processes. No timing is asserted beyond positivity (the CPU is shared)."""
 import json
+import os
 import math
 
 import pytest
@@ -15,7 +16,9 @@ CPU = torch.device("cpu")
 
 def test_mesh_vqvae_benchmark_rows_and_files(smoke_cfg, body, tmp_path):
     rows = bench_mesh_vqvae(smoke_cfg, body, CPU, batch=2, iters=1, warmup=0)
-    assert {r["what"] for r in rows} == {"mesh_vqvae_encode_decode", "mesh_vqvae_train_step", "mesh_corpus_batch"}
+    assert {r["what"] for r in rows} == {"mesh_vqvae_encode_decode", "mesh_vqvae_train_step", "mesh_corpus_batch",
+                                        "mesh_vqvae_decode_fused", "mesh_vqvae_decode_gather"}
+    assert os.environ.get("VQHPS_FUSED_CONV") is None  # the switch is restored after the fused/gather rows
     assert all(r["items_per_s"] > 0 and r["ms_per_batch"] > 0 for r in rows)
     path = write_bench(rows, tmp_path, "bench")
     payload = json.loads(path.read_text())

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,13 +52,28 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters
     return float(sorted(times)[len(times) // 2])
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable for the duration of a block."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = old
+
+
 def _peak_mb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
 
 
 def bench_mesh_vqvae(cfg, body, device: torch.device, batch: int = 256, iters: int = 10,
                      warmup: int = 3) -> list[dict]:
-    """Mesh-VQ-VAE encode+decode meshes/s in fp32 and bf16, and its training step."""
+    """Mesh-VQ-VAE encode+decode meshes/s in fp32 and bf16, fp32 decoding with the fused convolution
+    and with the gather it replaces, and the training step."""
     from vqhps.data.corpus import corpus_batch
     from vqhps.vqvae_training import build_mesh_vqvae
 
@@ -77,6 +93,17 @@ def bench_mesh_vqvae(cfg, body, device: torch.device, batch: int = 256, iters: i
 
         sec = timed(roundtrip, device, warmup=warmup, iters=iters)
         rows.append({"what": "mesh_vqvae_encode_decode", "precision": precision, "batch": batch,
+                     "items_per_s": batch / sec, "ms_per_batch": 1000 * sec, "peak_mb": _peak_mb(device)})
+    ids = model.encode(meshes)
+    for path, flag in (("fused", "1"), ("gather", "0")):  # fp32 decoding with and without mesh/fused.py
+
+        def decode():
+            with torch.no_grad():
+                model.decode(ids)
+
+        with _env("VQHPS_FUSED_CONV", flag):
+            sec = timed(decode, device, warmup=warmup, iters=iters)
+        rows.append({"what": f"mesh_vqvae_decode_{path}", "precision": "fp32", "batch": batch,
                      "items_per_s": batch / sec, "ms_per_batch": 1000 * sec, "peak_mb": _peak_mb(device)})
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -355,7 +382,7 @@ def bench_vqhps(cfg, body, device: torch.device, s: BenchSettings) -> list[dict]
 
     facts = run_facts(cfg, device)
     body = body.to(device)
-    vqvae = compile_for(build_mesh_vqvae(cfg, body).to(device).eval(), cfg, device)
+    vqvae = compile_for(build_mesh_vqvae(cfg, body).to(device).eval(), cfg, device, inference=True)
     rows = []
     with static_shapes(facts["compiled"]):
         torch.manual_seed(cfg.seed)

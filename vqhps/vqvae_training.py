@@ -32,12 +32,20 @@ def build_mesh_vqvae(cfg, body) -> MeshVQVAE:
     return MeshVQVAE(body.template.cpu(), hierarchy, cfg.vqvae, body_id=body.identifier())
 
 
-def compile_for(model: MeshVQVAE, cfg, device: torch.device) -> MeshVQVAE:
+def compile_for(model: MeshVQVAE, cfg, device: torch.device, inference: bool = False) -> MeshVQVAE:
     """Per cfg.runtime.compile, on CUDA: compile the encoder and decoder in place (the quantiser's
-    data-dependent codebook updates stay eager; state-dict keys are unchanged)."""
-    if cfg.runtime.compile and torch.device(device).type == "cuda":
-        model.encoder.compile()
-        model.decoder.compile()
+    data-dependent codebook updates stay eager; state-dict keys are unchanged). A frozen model
+    (``inference``) stays eager where the fused Triton convolution serves it (vqhps.mesh.fused): it
+    reads neighbours in place, which the compiled gather + matmul cannot."""
+    from .mesh import fused
+
+    device = torch.device(device)
+    if not (cfg.runtime.compile and device.type == "cuda"):
+        return model
+    if inference and fused.available(torch.empty(0, device=device)):
+        return model
+    model.encoder.compile()
+    model.decoder.compile()
     return model
 
 
@@ -102,7 +110,7 @@ def load_mesh_vqvae(cfg, body, stage: str = "finetune", device: torch.device | s
     model = build_mesh_vqvae(cfg, body)
     state = load_checkpoint(checkpoint_dir(cfg) / f"mesh_vqvae_{stage}.pt", expect=compatibility(model))
     model.load_state_dict(state["model"])
-    return compile_for(model.to(device).eval(), cfg, device)
+    return compile_for(model.to(device).eval(), cfg, device, inference=True)
 
 
 @torch.no_grad()
