@@ -151,7 +151,7 @@ def test_malformed_bvh_names_file_and_line(breakage, line, words):
 def test_malformed_file_errors_name_the_path(tmp_path):
     path = tmp_path / "short.bvh"
     path.write_text(write_bvh({}, 2).replace("Frames: 2", "Frames: 5"))
-    with pytest.raises(bvh.BVHError, match=rf"short\.bvh:\d+: found 2 frame rows"):
+    with pytest.raises(bvh.BVHError, match=r"short\.bvh:\d+: found 2 frame rows"):
         bvh.load_bvh(path)
     (tmp_path / "none.bvh").write_text("HIERARCHY\nROOT Hips\n{\n")
     with pytest.raises(bvh.BVHError, match="none.bvh:3: no MOTION"):

@@ -396,8 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one GPU: run the trainings (Mesh-VQ-VAE, baselines, VQ-HPS, Table 2) as background jobs "
                         "beside the notebooks, each started as soon as its inputs exist")
     p.add_argument("--runner", choices=("papermill", "inline"), default="papermill",
-                   help="papermill (executed copies under results/<profile>/notebooks/) or inline (the code "
-                        "cells in this process; no Jupyter kernel needed)")
+                   help="papermill, or inline: the code cells in this process (no Jupyter kernel needed); "
+                        "executed copies go to results/<profile>/notebooks/ either way")
     return parser
 
 

@@ -44,11 +44,10 @@ def save_table(df: pd.DataFrame, results_dir: Path, name: str) -> Path:
 
 
 def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """pandas' ``to_markdown`` needs the optional ``tabulate`` package."""
+    import importlib.util
+
+    return importlib.util.find_spec("tabulate") is not None
 
 
 def blank_grid(n: int, cols: int, size: float):

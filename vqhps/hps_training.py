@@ -144,19 +144,20 @@ def fit(cfg, name: str, model: torch.nn.Module, loss_fn, schedule: Schedule, tra
     total = schedule.epochs * spe
     optimizer, scheduler = schedule_optimizer(params if params is not None else model.parameters(), schedule,
                                               spe, device)
-    eval_fn = None
-    if predictor is not None and val_arrays is not None:
-        log_every = cfg.runtime.log_every
+    log_every = cfg.runtime.log_every
+    validate = predictor is not None and val_arrays is not None
 
-        def eval_fn(m: torch.nn.Module, done: int) -> dict[str, float]:
-            if not (_epoch_ended(done, log_every, spe) or done == total):
-                return {}
-            _, summary = evaluate_split(predictor(m), val_arrays, body, cfg, device, schedule.batch_size,
-                                        progress=False)
-            return {f"val_{k}": float(v) for k, v in summary.loc["full"].items()}
+    def eval_fn(m: torch.nn.Module, done: int) -> dict[str, float]:
+        if not (_epoch_ended(done, log_every, spe) or done == total):
+            return {}
+        _, summary = evaluate_split(predictor(m), val_arrays, body, cfg, device, schedule.batch_size,
+                                    progress=False)
+        return {f"val_{k}": float(v) for k, v in summary.loc["full"].items()}
+
     meta = {**meta, "schedule": asdict(schedule), "steps_per_epoch": spe}
     return train(name, model, optimizer, scheduler, batch_fn, loss_fn, total, checkpoint_dir(cfg), cfg.runtime,
-                 meta=meta, stop_after=stop_after, eval_fn=eval_fn, eval_every=cfg.runtime.log_every if eval_fn else 0)
+                 meta=meta, stop_after=stop_after, eval_fn=eval_fn if validate else None,
+                 eval_every=log_every if validate else 0)
 
 
 # ---------------------------------------------------------------------------------------- VQ-HPS

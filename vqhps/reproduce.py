@@ -142,7 +142,7 @@ def _execute(nb: Path, out_dir: Path, parameters: dict, runner: str) -> None:
     if runner == "inline":  # no Jupyter kernel: the code cells in this process (vqhps.notebook_exec)
         from .notebook_exec import execute_inline
 
-        execute_inline(nb, parameters)
+        execute_inline(nb, parameters, output=out_dir / nb.name)
         return
     import papermill
 
@@ -159,7 +159,7 @@ def reproduce(profile: str, nproc: int = 1, only: list[str] | None = None, overl
     the finished checkpoints in-process, so both paths share the same code. ``overlap`` (one process)
     runs the trainings of ``overlap_jobs`` beside the notebooks instead; the manifest then records each
     job's wall time and the elapsed time of the whole run. ``runner="inline"`` executes the code cells
-    in this process (no Jupyter kernel needed; no executed copies are written)."""
+    in this process (no Jupyter kernel needed); either runner writes the executed copies."""
     import torch
 
     if nproc < 1:
@@ -198,8 +198,7 @@ def reproduce(profile: str, nproc: int = 1, only: list[str] | None = None, overl
             try:
                 _execute(nb, out_dir, {"profile": profile, "nproc": nproc}, runner)
             except Exception as err:  # papermill raises PapermillExecutionError with the failing cell
-                where = f" (executed copy: {out_dir / nb.name})" if runner == "papermill" else ""
-                print(f"FAILED: notebooks/{nb.name}{where}\n{err}", flush=True)
+                print(f"FAILED: notebooks/{nb.name} (executed copy: {out_dir / nb.name})\n{err}", flush=True)
                 manifest["notebooks"][nb.name] = {"status": "failed", "wall_s": round(time.perf_counter() - start, 1)}
                 write_manifest(manifest_path, manifest)
                 return 1
