@@ -200,7 +200,8 @@ def run_facts(cfg, device: torch.device) -> dict:
     cuda = device.type == "cuda"
     return {"precision": "bf16" if cfg.runtime.amp and cuda else "fp32",
             "compiled": bool(cfg.runtime.compile and cuda), "channels_last": bool(cfg.runtime.channels_last),
-            "torch": torch.__version__, "device": device_name(device)}
+            "torch": torch.__version__, "device": device_name(device),
+            "compile_mode": (cfg.runtime.compile_mode or "default") if cfg.runtime.compile and cuda else None}
 
 
 def _row(what: str, kind: str, batch: int, sec: float, device: torch.device, facts: dict, **extra) -> dict:

@@ -172,6 +172,9 @@ class RuntimeConfig:
     device: str = "auto"
     amp: bool = True
     compile: bool = True
+    #: torch.compile mode of the compiled parts (None: torch's default; "reduce-overhead" replays them
+    #: as CUDA graphs, for hosts that cannot launch kernels as fast as the GPU runs them)
+    compile_mode: str | None = None
     channels_last: bool = True
     log_every: int = 50
     ckpt_every: int = 1_000

@@ -216,7 +216,7 @@ def prepare_model(model: torch.nn.Module, cfg, device: torch.device,
         model = model.to(memory_format=torch.channels_last)
     if cfg.runtime.compile and device.type == "cuda":
         for name in compiled:
-            getattr(model, name).compile()
+            getattr(model, name).compile(mode=cfg.runtime.compile_mode)
     return model
 
 

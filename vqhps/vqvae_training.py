@@ -44,8 +44,8 @@ def compile_for(model: MeshVQVAE, cfg, device: torch.device, inference: bool = F
         return model
     if inference and fused.available(torch.empty(0, device=device)):
         return model
-    model.encoder.compile()
-    model.decoder.compile()
+    model.encoder.compile(mode=cfg.runtime.compile_mode)
+    model.decoder.compile(mode=cfg.runtime.compile_mode)
     return model
 
 
