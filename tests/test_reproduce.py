@@ -56,3 +56,16 @@ def test_the_study_schedule_trains_every_model_before_the_notebook_that_evaluate
         assert {"00", "mesh_vqvae"} <= set(jobs[name].after)
     assert jobs["vqhps"].needed_by == "03" and jobs["baselines"].needed_by == "04"
     assert jobs["ablations"].needed_by == "05"
+
+
+def test_stop_ends_a_running_job_and_the_processes_it_started(tmp_path):
+    marker = tmp_path / "survived"
+    runner = _runner(tmp_path, (BackgroundJob("long", (), after=(), needed_by="01"),),
+                     {"long": f"sh -c 'sleep 5; touch {marker}' && true"})  # a training the job's shell started
+    runner.start_ready()
+    _, proc, _ = runner.procs["long"]
+    time.sleep(0.3)
+    runner.stop()
+    assert proc.poll() is not None
+    time.sleep(5.5)
+    assert not marker.exists()

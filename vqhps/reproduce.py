@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -84,7 +85,7 @@ class JobRunner:
     def __init__(self, jobs: tuple[BackgroundJob, ...], profile: str, log_dir: Path, threads: int) -> None:
         self.jobs, self.profile, self.log_dir, self.threads = jobs, profile, log_dir, threads
         self.done: set[str] = set()
-        self.procs: dict[str, tuple[subprocess.Popen, float]] = {}
+        self.procs: dict[str, tuple[BackgroundJob, subprocess.Popen, float]] = {}
         self.walls: dict[str, dict] = {}
 
     def _script(self, job: BackgroundJob) -> str:
@@ -93,25 +94,26 @@ class JobRunner:
                            f"--set runtime.progress=false" for c in job.commands)
 
     def start_ready(self) -> None:
-        """Start every job whose ``after`` items are all done."""
+        """Start every job whose ``after`` items are all done (each in its own process group)."""
         for job in self.jobs:
             if job.name not in self.procs and all(a in self.done for a in job.after):
                 self.log_dir.mkdir(parents=True, exist_ok=True)
-                log = open(self.log_dir / f"{job.name}.log", "wb")  # noqa: SIM115 - the child holds it
-                env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
-                proc = subprocess.Popen(["bash", "-c", self._script(job)], stdout=log, stderr=subprocess.STDOUT,
-                                        env=env, cwd=PROJECT_ROOT)
-                self.procs[job.name] = (proc, time.perf_counter())
-                print(f"  started {job.name} in the background (log: {log.name})", flush=True)
+                path = self.log_dir / f"{job.name}.log"
+                with open(path, "wb") as log:  # the child keeps its own handle
+                    proc = subprocess.Popen(["bash", "-c", self._script(job)], stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, "OMP_NUM_THREADS": str(self.threads)},
+                                            cwd=PROJECT_ROOT, start_new_session=True)
+                self.procs[job.name] = (job, proc, time.perf_counter())
+                print(f"  started {job.name} in the background (log: {path})", flush=True)
 
     def poll(self) -> None:
         """Record finished jobs; a failed job raises with its log's path."""
-        for name, (proc, start) in list(self.procs.items()):
+        for name, (job, proc, start) in list(self.procs.items()):
             if name in self.done or proc.poll() is None:
                 continue
             wall = round(time.perf_counter() - start, 1)
             self.walls[name] = {"status": "ok" if proc.returncode == 0 else "failed", "wall_s": wall,
-                                "commands": self._script(next(j for j in self.jobs if j.name == name))}
+                                "commands": self._script(job)}
             if proc.returncode != 0:
                 raise RuntimeError(f"background job {name!r} failed (exit {proc.returncode}); "
                                    f"see {self.log_dir / (name + '.log')}")
@@ -133,9 +135,11 @@ class JobRunner:
             self.poll()
 
     def stop(self) -> None:
-        for proc, _ in self.procs.values():
+        """Terminate the jobs still running, with the trainings they started (their process groups)."""
+        for _, proc, _ in self.procs.values():
             if proc.poll() is None:
-                proc.terminate()
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=60)
 
 
 def _execute(nb: Path, out_dir: Path, parameters: dict, runner: str) -> None:
