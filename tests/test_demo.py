@@ -234,3 +234,35 @@ def test_demo_example_figure(tmp_path, predictor, smoke_artifacts):
     # the input is the benchmark crop itself, and the demo's outputs sit next to it
     assert np.array_equal(demo.read_image(tmp_path / "demo_example" / "test_00002.png"), arrays["image"][2])
     assert (tmp_path / "demo_example" / "test_00002_overlay.png").is_file()
+
+
+def test_evaluate_cli_writes_the_evaluation_codes_metrics(tiny_checkpoint, predictor, smoke_artifacts, capsys):
+    """`python -m vqhps evaluate --name N` reports what evaluate_split computes for checkpoint N, and
+    names the training command when the checkpoint is missing."""
+    import shutil
+
+    import pandas as pd
+
+    from vqhps.cli import main
+    from vqhps.data import synthetic
+    from vqhps.hps_training import evaluate_split, vqhps_checkpoint, vqhps_predictor
+
+    cfg = smoke_artifacts
+    assert main(["evaluate", "--profile", "smoke", "--name", "no_such_run"]) == 2
+    assert "train --profile smoke --name no_such_run" in capsys.readouterr().err
+    path = vqhps_checkpoint(cfg, "tiny_eval")
+    table = cfg.results_dir / "tables" / "eval_tiny_eval_val_fp32.csv"
+    shutil.copy(tiny_checkpoint, path)
+    try:
+        assert main(["evaluate", "--profile", "smoke", "--name", "tiny_eval", "--split", "val",
+                     "--set", "runtime.progress=false"]) == 0
+        written = pd.read_csv(table, index_col=0)
+    finally:
+        path.unlink()
+        for suffix in (".csv", ".md"):
+            table.with_suffix(suffix).unlink(missing_ok=True)
+    _, expected = evaluate_split(vqhps_predictor(predictor.vqvae, predictor.body)(predictor.model),
+                                 synthetic.load_split(cfg, "val"), predictor.body, cfg, predictor.device, progress=False)
+    for column in ("PVE", "MPJPE", "PA-MPJPE"):
+        assert written.loc["full", column] == pytest.approx(expected.loc["full", column], rel=1e-5)
+    assert set(written["precision"]) == {"fp32"} and set(written["checkpoint"]) == {"tiny_eval.pt"}

@@ -305,6 +305,38 @@ def _report(result) -> None:
           f"training; checkpoint {result.checkpoint}, log {result.log}", flush=True)
 
 
+def _evaluate(args) -> int:
+    """Metrics of a trained VQ-HPS checkpoint on a split, with the Mesh-VQ-VAE stage it was trained with."""
+    from .body import load_body
+    from .checkpoint import read_meta
+    from .data import synthetic
+    from .figures import save_table
+    from .hps_training import evaluate_split, load_vqhps, vqhps_checkpoint, vqhps_predictor
+    from .train import device_of
+    from .vqvae_training import load_mesh_vqvae
+
+    cfg = _config(args)
+    path = vqhps_checkpoint(cfg, args.name)
+    if not path.is_file():
+        raise FileNotFoundError(f"VQ-HPS checkpoint not found: {path}; train it with "
+                                f"`python -m vqhps train --profile {cfg.profile} --name {args.name}`")
+    device = device_of(cfg.runtime)
+    body = load_body(cfg).to(device)
+    stage = (read_meta(path) or {}).get("vqvae_stage", "finetune")
+    vqvae = load_mesh_vqvae(cfg, body, stage, device)
+    model = load_vqhps(path, cfg, body, vqvae, device)
+    arrays = synthetic.load_split(cfg, args.split)
+    _, summary = evaluate_split(vqhps_predictor(vqvae, body)(model), arrays, body, cfg, device,
+                                progress=cfg.runtime.progress)
+    precision = "bf16" if cfg.runtime.amp and device.type == "cuda" else "fp32"
+    table = summary.assign(checkpoint=path.name, split=args.split, precision=precision)
+    stem = f"eval_{args.name}_{args.split}_{precision}"
+    save_table(table, cfg.results_dir, stem)
+    print(table.round(2).to_string())
+    print(f"written: {cfg.results_dir / 'tables' / (stem + '.csv')}")
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import load_predictor, run_demo
 
@@ -356,6 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "name, e.g. vqhps_3d_loss, vqhps_no_reprojection, vqhps_pretrain_vqvae, trains that ablation; "
                    "hmr, cliff or fastmetro trains that Table 1 baseline with VQ-HPS's recipe)")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resumable)")
+
+    p = command("evaluate", _evaluate, "metrics (mm) of a trained VQ-HPS checkpoint on the test split, in the "
+                "precision of runtime.amp; table under results/<profile>/tables/eval_<name>_<split>_<precision>.csv")
+    p.add_argument("--name", default="vqhps", help="checkpoint stem under results/<profile>/checkpoints/ "
+                   "(vqhps, vqhps_rot, a Table 2 run, or any run trained with `train --name`)")
+    p.add_argument("--split", choices=("val", "test"), default="test")
 
     p = command("bench", _bench, "throughput of VQ-HPS against its two-ResNet-50 ceiling, of its input pipeline, "
                 "the Mesh-VQ-VAE and rendering; JSON + CSV under results/<profile>/bench/")
