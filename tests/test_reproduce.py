@@ -69,3 +69,16 @@ def test_stop_ends_a_running_job_and_the_processes_it_started(tmp_path):
     assert proc.poll() is not None
     time.sleep(5.5)
     assert not marker.exists()
+
+
+def test_environment_facts_name_the_commit(monkeypatch):
+    import subprocess
+
+    from vqhps.config import PROJECT_ROOT
+    from vqhps.reproduce import environment_facts
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True).stdout.strip()
+    monkeypatch.delenv("VQHPS_GIT_COMMIT", raising=False)
+    assert environment_facts()["git_commit"] == (head or "unknown")
+    monkeypatch.setenv("VQHPS_GIT_COMMIT", "abc1234")  # a copied tree whose git metadata is stale
+    assert environment_facts()["git_commit"] == "abc1234"

@@ -26,14 +26,17 @@ def device_name(device=None) -> str:
 
 
 def environment_facts() -> dict:
-    """Git hash, device and library versions: what a result needs to be traced back."""
+    """Git hash, device and library versions: what a result needs to be traced back. ``VQHPS_GIT_COMMIT``
+    names the commit where the checkout has no usable git metadata (a copied working tree)."""
     import torch
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        commit = "unknown"
+    commit = os.environ.get("VQHPS_GIT_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                                    text=True, timeout=10).stdout.strip() or "unknown"
+        except (OSError, subprocess.TimeoutExpired):
+            commit = "unknown"
     return {"git_commit": commit, "device": device_name(), "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.version.cuda, "gpus": torch.cuda.device_count()}
 
