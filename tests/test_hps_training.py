@@ -70,6 +70,22 @@ def test_batches_are_a_pure_function_of_the_step(smoke_cfg, body, splits):
     assert plain["canonical"].shape == (4, body.template.shape[0], 3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-GPU synchronisation exists only with a GPU")
+def test_preparing_an_augmented_batch_never_waits_for_the_gpu(smoke_cfg, body, splits):
+    """A batch is prepared while the previous training step still runs on the GPU: any read-back
+    (``.item()``, ``bool(tensor)``, a blocking copy) would stall that queue, so none may happen."""
+    device = torch.device("cuda")
+    fn = H.benchmark_batches(smoke_cfg, splits["train"], copy.deepcopy(body).to(device), device, augment=True, batch_size=8,
+                             meshes=False)
+    fn(0)  # the first call allocates and warms up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch = fn(1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert batch["image"].is_cuda and batch["flipped"].is_cuda
+
+
 def test_token_table_holds_the_targets_of_every_augmented_batch(smoke_cfg, body, vqvae, splits):
     """Looked up by sample index and flip, the precomputed targets are the token ids the Mesh-VQ-VAE
     gives the batch's own (augmented, possibly mirrored) ground-truth meshes."""

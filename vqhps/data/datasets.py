@@ -74,18 +74,20 @@ def prepare_batch(batch: dict, body, device: torch.device, aug: Augmentation | N
     rot = out["root_rot"].float()
     flipped = torch.zeros(b, dtype=torch.bool, device=device)
     if aug is not None:
-        gen = generator
-        rand = lambda *shape: torch.rand(*shape, generator=gen).to(device)  # noqa: E731
+        # the draws come from the CPU generator (the same numbers on every device) and reach the GPU
+        # without a host synchronisation, so preparing a batch never stalls the queued training step
+        rand_cpu = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
+        rand = lambda *shape: _to(rand_cpu(*shape), device)  # noqa: E731
         flipped = rand(b) < aug.flip_prob
         # geometry: flip, then rotate by theta and scale by s about the crop centre
         theta = torch.where(rand(b) < aug.rot_prob, (rand(b) * 2 - 1) * math.radians(aug.rot_deg),
                             torch.zeros(b, device=device))
         scale = 1.0 + (rand(b) * 2 - 1) * aug.scale
         images, j24, j17, rot = _geometric(images, j24, j17, rot, flipped, theta, scale,
-                                           flip_index24.to(device), flip_index17.to(device))
-        images = _photometric(images, aug, rand)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+                                           _to(flip_index24, device), _to(flip_index17, device))
+        images = _photometric(images, aug, rand, rand_cpu)
+    mean = _to(torch.tensor(IMAGENET_MEAN), device).view(1, 3, 1, 1)
+    std = _to(torch.tensor(IMAGENET_STD), device).view(1, 3, 1, 1)
     images = (images - mean) / std
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -96,15 +98,21 @@ def prepare_batch(batch: dict, body, device: torch.device, aug: Augmentation | N
     return out
 
 
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without synchronising the host with the GPU (the copy is
+    staged at once, so the host tensor may go)."""
+    return t.to(device, non_blocking=True)
+
+
 def canonical_targets(body, pose: torch.Tensor, shape: torch.Tensor, flipped: torch.Tensor | None = None) -> torch.Tensor:
     """Ground-truth canonical meshes (centred on the vertex mean) posed from stored parameters."""
     device = body.template.device
     with torch.no_grad():
         verts = body(pose.to(device).float(), shape.to(device).float()).vertices
         verts = verts - verts.mean(1, keepdim=True)
-        if flipped is not None and bool(flipped.any()):
-            mirrored = verts[:, body.vertex_flip] * MIRROR_X.diagonal().to(verts)
-            verts = torch.where(flipped.to(device)[:, None, None], mirrored, verts)
+        if flipped is not None:  # no `flipped.any()` shortcut: reading it back would stall the GPU queue
+            mirrored = verts[:, body.vertex_flip] * _to(MIRROR_X.diagonal(), device).to(verts.dtype)
+            verts = torch.where(_to(flipped, device)[:, None, None], mirrored, verts)
     return verts
 
 
@@ -116,7 +124,7 @@ def _geometric(images, j24, j17, rot, flipped, theta, scale, flip24, flip17):
     images = torch.where(fl.view(b, 1, 1, 1), images.flip(-1), images)
     j24 = torch.where(fl, _mirror_u(j24[:, flip24], size), j24)
     j17 = torch.where(fl, _mirror_u(j17[:, flip17], size), j17)
-    m = MIRROR_X.to(rot)
+    m = _to(MIRROR_X, rot.device).to(rot.dtype)
     rot = torch.where(fl, m @ rot @ m, rot)
     # rotation + scale about the centre: p' = s * Rot(theta) (p - c) + c; camera roll R' = Rz(theta) R
     cos, sin = torch.cos(theta), torch.sin(theta)
@@ -142,7 +150,7 @@ def _mirror_u(joints: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
-def _photometric(images: torch.Tensor, aug: Augmentation, rand) -> torch.Tensor:
+def _photometric(images: torch.Tensor, aug: Augmentation, rand, rand_cpu) -> torch.Tensor:
     b = images.shape[0]
     j = aug.color_jitter
     brightness = 1 + (rand(b, 1, 1, 1) * 2 - 1) * j
@@ -150,10 +158,10 @@ def _photometric(images: torch.Tensor, aug: Augmentation, rand) -> torch.Tensor:
     per_channel = 1 + (rand(b, 3, 1, 1) * 2 - 1) * j / 2
     mean = images.mean((1, 2, 3), keepdim=True)
     images = ((images - mean) * contrast + mean) * brightness * per_channel
-    blur = rand(b) < aug.blur_prob
+    blur = rand_cpu(b) < aug.blur_prob  # decided on the host: no device-to-host read
     if bool(blur.any()):
-        k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], device=images.device)
-        k = (k[:, None] * k[None, :]) / 256.0
+        k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
+        k = _to((k[:, None] * k[None, :]) / 256.0, images.device)
         blurred = F.conv2d(F.pad(images, (2, 2, 2, 2), mode="replicate"), k.expand(3, 1, 5, 5), groups=3)
-        images = torch.where(blur.view(b, 1, 1, 1), blurred, images)
+        images = torch.where(_to(blur, images.device).view(b, 1, 1, 1), blurred, images)
     return images.clamp(0.0, 1.0)

@@ -62,7 +62,7 @@ def pose_targets(batch: dict[str, Any]) -> torch.Tensor:
     (it mirrors image, joints, root rotation and canonical mesh, but not the stored pose)."""
     pose = batch["pose"].float()
     flipped = batch.get("flipped")
-    if flipped is None or not bool(flipped.any()):
+    if flipped is None:  # no `flipped.any()` shortcut: reading it back would stall the GPU queue
         return pose
     return torch.where(flipped.view(-1, 1, 1, 1), mirror_pose(pose), pose)
 

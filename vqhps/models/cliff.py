@@ -48,7 +48,7 @@ def bbox_info(bbox: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
 def flip_bbox(bbox: torch.Tensor, K: torch.Tensor, flipped: torch.Tensor | None) -> torch.Tensor:
     """Boxes of horizontally flipped samples mirrored about the principal point's column: the crop of
     the flipped full frame, so bbox input and full-frame targets agree with the flipped crop."""
-    if flipped is None or not bool(flipped.any()):
+    if flipped is None:  # no `flipped.any()` shortcut: reading it back would stall the GPU queue
         return bbox.float()
     px = K.float()[:, 0, 2]
     mirrored = torch.stack((2 * px - bbox[:, 2], bbox[:, 1], 2 * px - bbox[:, 0], bbox[:, 3]), dim=-1).float()
