@@ -75,8 +75,8 @@ def test_preparing_an_augmented_batch_never_waits_for_the_gpu(smoke_cfg, body, s
     """A batch is prepared while the previous training step still runs on the GPU: any read-back
     (``.item()``, ``bool(tensor)``, a blocking copy) would stall that queue, so none may happen."""
     device = torch.device("cuda")
-    fn = H.benchmark_batches(smoke_cfg, splits["train"], copy.deepcopy(body).to(device), device, augment=True, batch_size=8,
-                             meshes=False)
+    gpu_body = copy.deepcopy(body).to(device)
+    fn = H.benchmark_batches(smoke_cfg, splits["train"], gpu_body, device, augment=True, batch_size=8, meshes=False)
     fn(0)  # the first call allocates and warms up
     torch.cuda.set_sync_debug_mode("error")
     try:
