@@ -82,3 +82,32 @@ def test_environment_facts_name_the_commit(monkeypatch):
     assert environment_facts()["git_commit"] == (head or "unknown")
     monkeypatch.setenv("VQHPS_GIT_COMMIT", "abc1234")  # a copied tree whose git metadata is stale
     assert environment_facts()["git_commit"] == "abc1234"
+
+
+def test_timeline_shows_every_notebook_and_job_that_records_its_start(tmp_path):
+    from PIL import Image
+
+    from vqhps.figures import save_figure, timeline_figure
+
+    manifest = {"profile": "full", "elapsed_s": 1840.0,
+                "notebooks": {"00_data.ipynb": {"wall_s": 264.0, "start_s": 0.0},
+                              "01_mesh_vqvae.ipynb": {"wall_s": 43.0, "start_s": 662.0},
+                              "02_reconstruction.ipynb": {"wall_s": 31.0}},  # an older entry: no start
+                "background_jobs": {"mesh_vqvae": {"wall_s": 660.0, "start_s": 0.5}}}
+    fig = timeline_figure(manifest)
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["00_data", "job: mesh_vqvae", "01_mesh_vqvae"]
+    bars = ax.patches
+    assert [round(b.get_x() * 60, 1) for b in bars] == [0.0, 0.5, 662.0]
+    assert [round(b.get_width() * 60, 1) for b in bars] == [264.0, 660.0, 43.0]
+    assert "30.7 min" in ax.get_title()
+    path = save_figure(fig, tmp_path, "reproduce_timeline")
+    with Image.open(path) as image:
+        assert image.width > 400 and image.height > 100
+
+
+def test_jobs_record_when_they_started(tmp_path):
+    runner = _runner(tmp_path, (BackgroundJob("a", (), after=(), needed_by="01"),), {"a": "true"})
+    runner.origin -= 10.0  # the run began 10 s before the job
+    runner.wait_for("01_mesh_vqvae.ipynb")
+    assert 10.0 <= runner.walls["a"]["start_s"] < 12.0

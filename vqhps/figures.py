@@ -221,3 +221,24 @@ def token_region_figure(template: np.ndarray, faces: np.ndarray, regions: np.nda
     back = template * np.array([-1.0, 1.0, -1.0])
     images = render_meshes([template, back], faces, size, vertex_colors=[rgba, rgba])
     return image_grid(images, ["front", "back"], cols=2, size=4)
+
+
+def timeline_figure(manifest: dict):
+    """Where a ``make reproduce`` run spent its time: one bar per notebook and background job of the
+    manifest that records a start (``start_s``), on a shared clock in minutes."""
+    rows = [(name.removesuffix(".ipynb"), e, "notebook") for name, e in manifest.get("notebooks", {}).items()]
+    rows += [(f"job: {name}", e, "job") for name, e in manifest.get("background_jobs", {}).items()]
+    rows = sorted((r for r in rows if "start_s" in r[1]), key=lambda r: r[1]["start_s"])
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
+    colours = {"notebook": "tab:blue", "job": "tab:orange"}
+    for y, (label, entry, kind) in enumerate(rows):
+        ax.barh(y, entry["wall_s"] / 60, left=entry["start_s"] / 60, color=colours[kind], height=0.6)
+        ax.text((entry["start_s"] + entry["wall_s"]) / 60, y, f" {entry['wall_s']:.0f} s", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("minutes since the start of the run")
+    elapsed = manifest.get("elapsed_s")
+    ax.set_title(f"make reproduce ({manifest.get('profile', '?')}): {elapsed / 60:.1f} min elapsed"
+                 if elapsed else f"make reproduce ({manifest.get('profile', '?')})")
+    fig.tight_layout()
+    return fig

@@ -85,8 +85,11 @@ def overlap_jobs() -> tuple[BackgroundJob, ...]:
 class JobRunner:
     """Starts ``BackgroundJob``s as child processes (logs under ``log_dir``) and tracks what is done."""
 
-    def __init__(self, jobs: tuple[BackgroundJob, ...], profile: str, log_dir: Path, threads: int) -> None:
+    def __init__(self, jobs: tuple[BackgroundJob, ...], profile: str, log_dir: Path, threads: int,
+                 origin: float | None = None) -> None:
         self.jobs, self.profile, self.log_dir, self.threads = jobs, profile, log_dir, threads
+        #: time.perf_counter() of the run's start: jobs' ``start_s`` count from it
+        self.origin = time.perf_counter() if origin is None else origin
         self.done: set[str] = set()
         self.procs: dict[str, tuple[BackgroundJob, subprocess.Popen, float]] = {}
         self.walls: dict[str, dict] = {}
@@ -116,7 +119,7 @@ class JobRunner:
                 continue
             wall = round(time.perf_counter() - start, 1)
             self.walls[name] = {"status": "ok" if proc.returncode == 0 else "failed", "wall_s": wall,
-                                "commands": self._script(job)}
+                                "start_s": round(start - self.origin, 1), "commands": self._script(job)}
             if proc.returncode != 0:
                 raise RuntimeError(f"background job {name!r} failed (exit {proc.returncode}); "
                                    f"see {self.log_dir / (name + '.log')}")
@@ -189,13 +192,14 @@ def reproduce(profile: str, nproc: int = 1, only: list[str] | None = None, overl
     manifest.setdefault("notebooks", {})
     selected = [nb for nb in notebooks() if not only or any(nb.name.startswith(o) for o in only)]
     jobs = None
+    started = time.perf_counter()
     if overlap:
         needed = tuple(j for j in overlap_jobs() if any(nb.name.startswith(j.needed_by) for nb in selected))
-        jobs = JobRunner(needed, profile, cfg.results_dir / "logs" / "jobs", max(1, (os.cpu_count() or 4) // 4))
+        jobs = JobRunner(needed, profile, cfg.results_dir / "logs" / "jobs", max(1, (os.cpu_count() or 4) // 4),
+                         origin=started)
         # notebooks not selected and jobs no selected notebook needs: done by an earlier run
         jobs.done.update([nb.name[:2] for nb in notebooks() if nb not in selected]
                          + [j.name for j in overlap_jobs() if j not in needed])
-    started = time.perf_counter()
     try:
         for nb in selected:
             if jobs is not None:
@@ -210,7 +214,8 @@ def reproduce(profile: str, nproc: int = 1, only: list[str] | None = None, overl
                 write_manifest(manifest_path, manifest)
                 return 1
             wall = time.perf_counter() - start
-            manifest["notebooks"][nb.name] = {"status": "ok", "wall_s": round(wall, 1)}
+            manifest["notebooks"][nb.name] = {"status": "ok", "wall_s": round(wall, 1),
+                                              "start_s": round(start - started, 1)}
             if jobs is not None:
                 jobs.done.add(nb.name[:2])
                 jobs.start_ready()
@@ -223,4 +228,11 @@ def reproduce(profile: str, nproc: int = 1, only: list[str] | None = None, overl
     manifest["total_wall_s"] = round(sum(v["wall_s"] for v in manifest["notebooks"].values()), 1)
     manifest["elapsed_s"] = round(time.perf_counter() - started, 1)
     write_manifest(manifest_path, manifest)
+    import matplotlib.pyplot as plt
+
+    from .figures import save_figure, timeline_figure
+
+    fig = timeline_figure(manifest)
+    save_figure(fig, cfg.results_dir, "reproduce_timeline")
+    plt.close(fig)
     return 0
