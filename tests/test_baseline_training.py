@@ -234,3 +234,23 @@ def test_qualitative_figure_file(tmp_path, body, splits, trained):
     with Image.open(path) as img:
         assert np.asarray(img.convert("L")).std() > 10  # images were drawn, not a blank canvas
 
+
+
+def test_cli_trains_a_baseline_under_another_name_and_evaluates_it(tmp_path, body, splits, monkeypatch):
+    """`train --name hmr --checkpoint-name S` writes S.pt (hmr.pt untouched), and `evaluate --name S`
+    reports what evaluate_split computes for that baseline."""
+    from vqhps.cli import main
+
+    monkeypatch.setenv("VQHPS_RESULTS_DIR", str(tmp_path))
+    sets = [a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")] + ["--set", "runtime.progress=false"]
+    assert main(["train", "--profile", "smoke", "--name", "hmr", "--checkpoint-name", "hmr_fp32",
+                 "--stop-after", "1", *sets]) == 0
+    ckpts = tmp_path / "smoke" / "checkpoints"
+    assert (ckpts / "hmr_fp32.pt").is_file() and not (ckpts / "hmr.pt").exists()
+    assert main(["evaluate", "--profile", "smoke", "--name", "hmr_fp32", "--split", "val", *sets]) == 0
+    written = pd.read_csv(tmp_path / "smoke" / "tables" / "eval_hmr_fp32_val_fp32.csv", index_col=0)
+    cfg = load_config("smoke", **SMALL)
+    model = bt.load_baseline(ckpts / "hmr_fp32.pt", cfg, body, CPU)
+    _, expected = H.evaluate_split(bt.baseline_predictor()(model), splits["val"], body, cfg, CPU, progress=False)
+    for column in ("PVE", "MPJPE", "PA-MPJPE", "rot_err_deg"):
+        assert written.loc["full", column] == pytest.approx(expected.loc["full", column], rel=1e-5)

@@ -240,7 +240,7 @@ def _train_baseline(args) -> int:
         body = load_body(cfg)
         if args.name == "fastmetro":
             hierarchy_of(cfg, body)
-    _, result = train_baseline(cfg, body, args.name, stop_after=args.stop_after)
+    _, result = train_baseline(cfg, body, args.name, stop_after=args.stop_after, checkpoint_name=args.checkpoint_name)
     _report(result)
     return 0
 
@@ -306,7 +306,9 @@ def _report(result) -> None:
 
 
 def _evaluate(args) -> int:
-    """Metrics of a trained VQ-HPS checkpoint on a split, with the Mesh-VQ-VAE stage it was trained with."""
+    """Metrics of a trained checkpoint on a split: a VQ-HPS (with the Mesh-VQ-VAE stage it was trained
+    with) or a Table 1 baseline, as its notebook evaluates it."""
+    from .baseline_training import baseline_predictor, load_baseline
     from .body import load_body
     from .checkpoint import read_meta
     from .data import synthetic
@@ -318,16 +320,18 @@ def _evaluate(args) -> int:
     cfg = _config(args)
     path = vqhps_checkpoint(cfg, args.name)
     if not path.is_file():
-        raise FileNotFoundError(f"VQ-HPS checkpoint not found: {path}; train it with "
+        raise FileNotFoundError(f"checkpoint not found: {path}; train it with "
                                 f"`python -m vqhps train --profile {cfg.profile} --name {args.name}`")
     device = device_of(cfg.runtime)
     body = load_body(cfg).to(device)
-    stage = (read_meta(path) or {}).get("vqvae_stage", "finetune")
-    vqvae = load_mesh_vqvae(cfg, body, stage, device)
-    model = load_vqhps(path, cfg, body, vqvae, device)
+    meta = read_meta(path) or {}
+    if meta.get("kind") == "baseline":
+        model_fn = baseline_predictor()(load_baseline(path, cfg, body, device))
+    else:
+        vqvae = load_mesh_vqvae(cfg, body, meta.get("vqvae_stage", "finetune"), device)
+        model_fn = vqhps_predictor(vqvae, body)(load_vqhps(path, cfg, body, vqvae, device))
     arrays = synthetic.load_split(cfg, args.split)
-    _, summary = evaluate_split(vqhps_predictor(vqvae, body)(model), arrays, body, cfg, device,
-                                progress=cfg.runtime.progress)
+    _, summary = evaluate_split(model_fn, arrays, body, cfg, device, progress=cfg.runtime.progress)
     precision = "bf16" if cfg.runtime.amp and device.type == "cuda" else "fp32"
     table = summary.assign(checkpoint=path.name, split=args.split, precision=precision)
     stem = f"eval_{args.name}_{args.split}_{precision}"
@@ -388,11 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "name, e.g. vqhps_3d_loss, vqhps_no_reprojection, vqhps_pretrain_vqvae, trains that ablation; "
                    "hmr, cliff or fastmetro trains that Table 1 baseline with VQ-HPS's recipe)")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resumable)")
+    p.add_argument("--checkpoint-name", default=None, metavar="STEM",
+                   help="for a baseline: write STEM.pt instead of <name>.pt (e.g. a second run of fastmetro with "
+                        "--set runtime.amp=false, to compare precisions)")
 
-    p = command("evaluate", _evaluate, "metrics (mm) of a trained VQ-HPS checkpoint on the test split, in the "
-                "precision of runtime.amp; table under results/<profile>/tables/eval_<name>_<split>_<precision>.csv")
+    p = command("evaluate", _evaluate, "metrics (mm) of a trained VQ-HPS or baseline checkpoint on the test split, "
+                "in the precision of runtime.amp; table under results/<profile>/tables/eval_<name>_<split>_<precision>.csv")
     p.add_argument("--name", default="vqhps", help="checkpoint stem under results/<profile>/checkpoints/ "
-                   "(vqhps, vqhps_rot, a Table 2 run, or any run trained with `train --name`)")
+                   "(vqhps, vqhps_rot, a Table 2 run, hmr, cliff, fastmetro, or any run trained with `train`)")
     p.add_argument("--split", choices=("val", "test"), default="test")
 
     p = command("bench", _bench, "throughput of VQ-HPS against its two-ResNet-50 ceiling, of its input pipeline, "
