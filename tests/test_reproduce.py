@@ -111,3 +111,17 @@ def test_jobs_record_when_they_started(tmp_path):
     runner.origin -= 10.0  # the run began 10 s before the job
     runner.wait_for("01_mesh_vqvae.ipynb")
     assert 10.0 <= runner.walls["a"]["start_s"] < 12.0
+
+
+def test_environment_block_restores_values_and_absence(monkeypatch):
+    import os
+
+    from vqhps.config import environment
+
+    monkeypatch.setenv("VQHPS_TEST_SET", "before")
+    monkeypatch.delenv("VQHPS_TEST_UNSET", raising=False)
+    with pytest.raises(RuntimeError):
+        with environment({"VQHPS_TEST_SET": "during", "VQHPS_TEST_UNSET": "1"}):
+            assert os.environ["VQHPS_TEST_SET"] == "during" and os.environ["VQHPS_TEST_UNSET"] == "1"
+            raise RuntimeError("a failing block restores too")
+    assert os.environ["VQHPS_TEST_SET"] == "before" and "VQHPS_TEST_UNSET" not in os.environ

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import itertools
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .config import environment
 from .reproduce import device_name
 
 #: parts of ``python -m vqhps bench``; they run in this order whatever order ``--only`` names them in
@@ -50,20 +50,6 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return float(sorted(times)[len(times) // 2])
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    """Set an environment variable for the duration of a block."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name)
-        else:
-            os.environ[name] = old
 
 
 def _peak_mb(device: torch.device) -> float:
@@ -101,7 +87,7 @@ def bench_mesh_vqvae(cfg, body, device: torch.device, batch: int = 256, iters: i
             with torch.no_grad():
                 model.decode(ids)
 
-        with _env("VQHPS_FUSED_CONV", flag):
+        with environment({"VQHPS_FUSED_CONV": flag}):
             sec = timed(decode, device, warmup=warmup, iters=iters)
         rows.append({"what": f"mesh_vqvae_decode_{path}", "precision": "fp32", "batch": batch,
                      "items_per_s": batch / sec, "ms_per_batch": 1000 * sec, "peak_mb": _peak_mb(device)})

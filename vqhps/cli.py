@@ -313,12 +313,12 @@ def _evaluate(args) -> int:
     from .checkpoint import read_meta
     from .data import synthetic
     from .figures import save_table
-    from .hps_training import evaluate_split, load_vqhps, vqhps_checkpoint, vqhps_predictor
+    from .hps_training import evaluate_split, load_vqhps, vqhps_predictor
     from .train import device_of
-    from .vqvae_training import load_mesh_vqvae
+    from .vqvae_training import checkpoint_dir, load_mesh_vqvae
 
     cfg = _config(args)
-    path = vqhps_checkpoint(cfg, args.name)
+    path = checkpoint_dir(cfg) / f"{args.name}.pt"  # VQ-HPS runs and baselines share the folder
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}; train it with "
                                 f"`python -m vqhps train --profile {cfg.profile} --name {args.name}`")

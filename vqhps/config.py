@@ -2,11 +2,12 @@
 for one GPU), and every filesystem path overridable by one environment variable."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 PROJECT_ROOT = Path(os.environ.get("VQHPS_ROOT", PACKAGE_ROOT.parent)).resolve()
@@ -18,6 +19,22 @@ PATH_ENV_VARS = {
     "VQHPS_RESULTS_DIR": "results",
     "VQHPS_SMPL_DIR": "smpl_dir",
 }
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of a block (child processes started in it inherit
+    them), then restore each to its previous value or absence."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _env_path(var: str, default: Path) -> Path:

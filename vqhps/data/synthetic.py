@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write
+from ..config import environment
 from .backgrounds import background
 from .sample import crop_affine, project_points, square_bbox
 
@@ -417,9 +417,7 @@ def build_splits(cfg, splits: tuple[str, ...] = SPLITS, workers: int | None = No
         finally:
             renderer.close()
     elif tasks:
-        saved = {k: os.environ.get(k) for k in _WORKER_THREAD_ENV}
-        os.environ.update({k: "1" for k in _WORKER_THREAD_ENV})  # inherited by the spawned workers
-        try:
+        with environment({k: "1" for k in _WORKER_THREAD_ENV}):  # inherited by the spawned workers
             ctx = mp.get_context("spawn")
             with ctx.Pool(min(workers, len(tasks)), initializer=_worker_init,
                           initargs=(cfg.profile, overrides or {})) as pool:
@@ -428,12 +426,6 @@ def build_splits(cfg, splits: tuple[str, ...] = SPLITS, workers: int | None = No
                     spec, shard, arrays = pending.next(timeout=1800)
                     shards[spec.split][str(shard)] = _write_shard(root, spec, shard, arrays)
                     bar.update()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
     bar.close()
     for split, spec in specs.items():
         if todo[split]:
