@@ -120,11 +120,10 @@ class VaryingConv(nn.Module):
         return operands
 
     def _use_fused(self, x: Tensor) -> bool:
-        """The fused kernel serves fp32 inference: no autograd, no autocast, no compiling, Triton there."""
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-            return False
+        """The fused kernel serves fp32 inference: where the kernel caches apply (no autograd, not
+        compiling), no autocast, Triton there."""
         return (x.dtype == torch.float32 and self.basis.dtype == torch.float32
-                and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
+                and not torch.is_autocast_enabled(x.device.type) and self._cache_key() is not None
                 and fused.available(x))
 
     def _compute_kernels(self) -> Tensor:
