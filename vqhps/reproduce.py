@@ -68,14 +68,14 @@ class BackgroundJob:
 def overlap_jobs() -> tuple[BackgroundJob, ...]:
     """The trainings of the study and what each needs: the Mesh-VQ-VAE needs no images (its corpus and
     the training split's poses are sampled, not rendered), so it trains while notebook 00 renders; the
-    baselines need images only; VQ-HPS and the Table 2 runs need both. On one GPU a single training
-    leaves it partly idle (kernel launches, input), so these run side by side."""
+    baselines need images only (one job each); VQ-HPS and the Table 2 runs need both. On one GPU a
+    single training leaves it partly idle (kernel launches, input), so these run side by side."""
     from .ablations import RUNS
     from .baseline_training import BASELINES
 
     return (
         BackgroundJob("mesh_vqvae", (("train-vae", "--stage", "both"),), after=(), needed_by="01"),
-        BackgroundJob("baselines", tuple(("train", "--name", n) for n in BASELINES), after=("00",), needed_by="04"),
+        *(BackgroundJob(n, (("train", "--name", n),), after=("00",), needed_by="04") for n in BASELINES),
         BackgroundJob("vqhps", (("train", "--name", "vqhps"),), after=("00", "mesh_vqvae"), needed_by="03"),
         BackgroundJob("ablations", tuple(("train", "--name", n) for n in RUNS), after=("00", "mesh_vqvae"),
                       needed_by="05"),

@@ -130,6 +130,12 @@ class MeshTokenPredictor(nn.Module):
         c = self.cond_mlp(torch.cat((rot6d, cam), dim=-1).to(z_feat.dtype))
         return self.head(torch.cat((z_feat, c[:, None, :].expand_as(z_feat)), dim=-1))
 
+    def forward(self, spatial: torch.Tensor, rot6d: torch.Tensor | None = None,
+                cam: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, h, w) backbone map [+ rotation 6D and camera] -> logits (B, N, S): ``features`` then
+        ``logits``, as one call (what ``prepare_model`` compiles)."""
+        return self.logits(self.features(spatial), rot6d, cam)
+
 
 class RotationRefiner(nn.Module):
     """VQ-HPS-rot: pooled rotation feature ⊕ R 6D ⊕ camera ⊕ predicted 17-joint skeleton (17 x 3,
@@ -209,8 +215,7 @@ class VQHPS(nn.Module):
         rot6d, cam, heading = self.rot_head(torch.cat((pooled_rot, pose), dim=-1))
         rotmat = rot6d_to_matrix(rot6d.float())
         _, spatial = self.mesh_backbone(images)
-        z_feat = self.mesh.features(spatial)
-        logits = self.mesh.logits(z_feat, matrix_to_rot6d(rotmat).detach(), cam.detach())
+        logits = self.mesh(spatial, matrix_to_rot6d(rotmat).detach(), cam.detach())
         out = {"rot6d": rot6d, "rotmat": rotmat, "cam": cam, "logits": logits, "pooled_rot": pooled_rot}
         if heading is not None:
             out["heading_logits"] = heading
