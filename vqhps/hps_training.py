@@ -207,19 +207,15 @@ def vqhps_meta(hcfg: VQHPSConfig, body, vqvae, vqvae_stage: str) -> dict:
             "recipe": {k: v for k, v in config.items() if k not in _NOT_RECIPE}}
 
 
-#: VQ-HPS's two ResNet-50s: what the throughput ceiling (``python -m vqhps bench``) compiles
+#: VQ-HPS submodules compiled on CUDA: the two ResNet-50s (compiling the heads and the mesh branch
+#: as well measured slower on one H100: 80 vs 75 ms per training step at batch 64)
 BACKBONES = ("rot_backbone", "mesh_backbone")
-#: VQ-HPS submodules compiled on CUDA: the backbones, and the rotation/camera head and mesh branch,
-#: whose many small kernels otherwise keep the GPU waiting for the host
-VQHPS_COMPILED = (*BACKBONES, "rot_head", "mesh")
 
 
 def prepare_model(model: torch.nn.Module, cfg, device: torch.device,
-                  compiled: tuple[str, ...] | None = None) -> torch.nn.Module:
+                  compiled: tuple[str, ...] = BACKBONES) -> torch.nn.Module:
     """Move to ``device``; per cfg.runtime, channels_last and (on CUDA) the submodules named in
-    ``compiled`` (default ``VQHPS_COMPILED``) compiled in place (their state-dict keys unchanged, so
-    checkpoints stay portable)."""
-    compiled = VQHPS_COMPILED if compiled is None else compiled
+    ``compiled`` compiled in place (their state-dict keys unchanged, so checkpoints stay portable)."""
     model = model.to(device)
     if cfg.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)

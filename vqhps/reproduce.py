@@ -195,8 +195,9 @@ def reproduce(profile: str, nproc: int = 1, only: list[str] | None = None, overl
     started = time.perf_counter()
     if overlap:
         needed = tuple(j for j in overlap_jobs() if any(nb.name.startswith(j.needed_by) for nb in selected))
-        jobs = JobRunner(needed, profile, cfg.results_dir / "logs" / "jobs", max(1, (os.cpu_count() or 4) // 4),
-                         origin=started)
+        # each job's CPU threads: a share of the cores (several trainings each at every core's width thrash)
+        threads = max(2, (os.cpu_count() or 4) // max(len(needed), 1))
+        jobs = JobRunner(needed, profile, cfg.results_dir / "logs" / "jobs", threads, origin=started)
         # notebooks not selected and jobs no selected notebook needs: done by an earlier run
         jobs.done.update([nb.name[:2] for nb in notebooks() if nb not in selected]
                          + [j.name for j in overlap_jobs() if j not in needed])
