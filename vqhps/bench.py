@@ -280,7 +280,7 @@ def bench_ceiling(cfg, body, device: torch.device, s: BenchSettings) -> list[dic
     """Two ResNet-50 passes per image: inference (eval, no grad) at the inference batch, and a
     training step (train mode, forward + backward + fused AdamW over both) at cfg.vqhps.batch_size."""
     from .hps_training import BACKBONES, prepare_model
-    from .train import autocast
+    from .train import autocast, new_iteration
 
     facts = run_facts(cfg, device)
     rows = []
@@ -290,6 +290,7 @@ def bench_ceiling(cfg, body, device: torch.device, s: BenchSettings) -> list[dic
         images = bench_images(cfg, s.inference_batch, device)
 
         def infer():
+            new_iteration()
             with torch.no_grad(), autocast(device, cfg.runtime.amp):
                 return pair(images)
 
@@ -302,6 +303,7 @@ def bench_ceiling(cfg, body, device: torch.device, s: BenchSettings) -> list[dic
                                 fused=device.type == "cuda")
 
         def step():
+            new_iteration()
             with autocast(device, cfg.runtime.amp):
                 pooled, spatial = pair(x)
                 loss = pooled.float().mean() + spatial.float().mean()
@@ -364,7 +366,7 @@ def bench_vqhps(cfg, body, device: torch.device, s: BenchSettings) -> list[dict]
     alone (one prepared batch reused) and with its input (``benchmark_batches``: pinned copy,
     augmentation, token lookup), as training runs it."""
     from .hps_training import build_vqhps, prepare_model, vqhps_config, vqhps_predictor
-    from .train import autocast
+    from .train import autocast, new_iteration
     from .vqvae_training import build_mesh_vqvae, compile_for
 
     facts = run_facts(cfg, device)
@@ -378,6 +380,7 @@ def bench_vqhps(cfg, body, device: torch.device, s: BenchSettings) -> list[dict]
         images = bench_images(cfg, s.inference_batch, device)
 
         def infer():
+            new_iteration()
             with torch.no_grad(), autocast(device, cfg.runtime.amp):
                 return predict({"image": images})["vertices"]
 

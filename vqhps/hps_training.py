@@ -34,7 +34,7 @@ from .losses import rotation_mse
 from .metrics import METRIC_COLUMNS, evaluate_meshes, summarise
 from .models.layers import REGRESSION_MLP
 from .models.vqhps import VQHPS, vqhps_losses
-from .train import TrainResult, autocast, device_of, rank_slice, step_indices, train
+from .train import TrainResult, autocast, device_of, new_iteration, rank_slice, step_indices, train
 from .vqvae_training import checkpoint_dir
 
 #: what a model needs from the benchmark arrays (images, 2D joints, camera, mesh parameters, labels)
@@ -463,6 +463,7 @@ def predict_split(model_fn: ModelFn, arrays: dict[str, np.ndarray], body, cfg, d
     body = body.to(device)
     out: dict[str, list[torch.Tensor]] = {"index": []}
     for batch in iterate_split(arrays, body, cfg, device, batch_size, progress, desc="predict"):
+        new_iteration()
         with autocast(device, cfg.runtime.amp):
             pred = model_fn(batch)
         out["index"].append(batch["index"].cpu())
@@ -485,6 +486,7 @@ def evaluate_split(model_fn: ModelFn, arrays: dict[str, np.ndarray], body, cfg, 
     body = body.to(device)
     rows = []
     for batch in iterate_split(arrays, body, cfg, device, batch_size, progress):
+        new_iteration()
         with autocast(device, cfg.runtime.amp):
             pred = model_fn(batch)
         R = batch["root_rot"].float()

@@ -62,6 +62,13 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
+def new_iteration() -> None:
+    """Mark the start of a training step or prediction batch for compiled CUDA graphs
+    (``runtime.compile_mode="reduce-overhead"``): the previous one's graph outputs are dead, so their
+    memory may be reused. Cheap, and without CUDA graphs it changes nothing."""
+    torch.compiler.cudagraph_mark_step_begin()
+
+
 def step_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     """Global-batch indices of ``step``: epochs are seeded permutations, the last partial batch dropped."""
     per_epoch = max(n // batch_size, 1)
@@ -108,6 +115,7 @@ def train_step(wrapped: torch.nn.Module, model: torch.nn.Module, optimizer: torc
     ``model`` (clipped only with ``grad_clip``), optimizer and scheduler steps. Returns the losses
     with ``grad_norm``."""
     device = next(model.parameters()).device
+    new_iteration()
     with autocast(device, amp):
         losses = loss_fn(wrapped, batch, step)
     optimizer.zero_grad(set_to_none=True)
