@@ -279,14 +279,14 @@ class BackbonePair(nn.Module):
 def bench_ceiling(cfg, body, device: torch.device, s: BenchSettings) -> list[dict]:
     """Two ResNet-50 passes per image: inference (eval, no grad) at the inference batch, and a
     training step (train mode, forward + backward + fused AdamW over both) at cfg.vqhps.batch_size."""
-    from .hps_training import BACKBONES, prepare_model
+    from .hps_training import prepare_model
     from .train import autocast, new_iteration
 
     facts = run_facts(cfg, device)
     rows = []
     with static_shapes(facts["compiled"]):
         torch.manual_seed(cfg.seed)
-        pair = prepare_model(BackbonePair(), cfg, device, compiled=BACKBONES).eval()
+        pair = prepare_model(BackbonePair(), cfg, device).eval()
         images = bench_images(cfg, s.inference_batch, device)
 
         def infer():

@@ -133,7 +133,7 @@ class MeshTokenPredictor(nn.Module):
     def forward(self, spatial: torch.Tensor, rot6d: torch.Tensor | None = None,
                 cam: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, h, w) backbone map [+ rotation 6D and camera] -> logits (B, N, S): ``features`` then
-        ``logits``, as one call (what ``prepare_model`` compiles)."""
+        ``logits``, as one call."""
         return self.logits(self.features(spatial), rot6d, cam)
 
 
