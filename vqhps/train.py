@@ -65,8 +65,10 @@ def autocast(device: torch.device, enabled: bool):
 def new_iteration() -> None:
     """Mark the start of a training step or prediction batch for compiled CUDA graphs
     (``runtime.compile_mode="reduce-overhead"``): the previous one's graph outputs are dead, so their
-    memory may be reused. Cheap, and without CUDA graphs it changes nothing."""
-    torch.compiler.cudagraph_mark_step_begin()
+    memory may be reused. Without CUDA graphs it changes nothing; without CUDA it is skipped (its
+    first call imports the compiler, seconds on a small CPU)."""
+    if torch.cuda.is_available():
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def step_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
