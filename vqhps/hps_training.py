@@ -442,7 +442,8 @@ def vqhps_checkpoint(cfg, name: str = "vqhps") -> Path:
 def iterate_split(arrays: dict[str, np.ndarray], body, cfg, device: torch.device,
                   batch_size: int | None = None, progress: bool = True, desc: str = "eval") -> Iterator[dict]:
     """Prepared, un-augmented batches of a whole split in order (ground-truth canonical meshes attached;
-    ``index`` holds the sample indices)."""
+    ``index`` holds the sample indices). Each batch starts a new iteration for compiled CUDA graphs
+    (``new_iteration``), so the graphs may reuse the memory of the previous batch's outputs."""
     n = len(arrays["image"])
     bs = int(batch_size or cfg.vqhps.batch_size)
     keys = [k for k in BATCH_KEYS if k in arrays]
@@ -450,7 +451,9 @@ def iterate_split(arrays: dict[str, np.ndarray], body, cfg, device: torch.device
         idx = np.arange(start, min(start + bs, n))
         batch = {k: torch.from_numpy(np.ascontiguousarray(arrays[k][idx])) for k in keys}
         batch["index"] = torch.from_numpy(idx)
-        yield prepare_batch(batch, body, device, None, channels_last=cfg.runtime.channels_last)
+        prepared = prepare_batch(batch, body, device, None, channels_last=cfg.runtime.channels_last)
+        new_iteration()
+        yield prepared
 
 
 @torch.no_grad()
@@ -463,7 +466,6 @@ def predict_split(model_fn: ModelFn, arrays: dict[str, np.ndarray], body, cfg, d
     body = body.to(device)
     out: dict[str, list[torch.Tensor]] = {"index": []}
     for batch in iterate_split(arrays, body, cfg, device, batch_size, progress, desc="predict"):
-        new_iteration()
         with autocast(device, cfg.runtime.amp):
             pred = model_fn(batch)
         out["index"].append(batch["index"].cpu())
@@ -486,7 +488,6 @@ def evaluate_split(model_fn: ModelFn, arrays: dict[str, np.ndarray], body, cfg, 
     body = body.to(device)
     rows = []
     for batch in iterate_split(arrays, body, cfg, device, batch_size, progress):
-        new_iteration()
         with autocast(device, cfg.runtime.amp):
             pred = model_fn(batch)
         R = batch["root_rot"].float()
