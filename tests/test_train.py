@@ -161,3 +161,48 @@ def test_cuda_graph_training_steps_and_predictions_run_back_to_back():
             new_iteration()
             outputs.append(model(batch["x"]).clone())
         assert all(torch.equal(outputs[0], o) for o in outputs[1:])
+
+
+def _graph_setup():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1)).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    return model, optimizer, scheduler
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs exist only on a GPU")
+def test_cuda_graph_step_trains_to_the_eager_weights_and_follows_the_schedule():
+    from vqhps.train import GraphedTrainStep, train_step
+
+    steps = 9  # 3 eager warm-up steps, the captured one, 5 replays; the lr halves every 2 steps
+    eager, opt_e, sched_e = _graph_setup()
+    for s in range(steps):
+        b = {k: v.cuda() for k, v in batch_fn(s).items()}
+        train_step(eager, eager, opt_e, sched_e, b, loss_fn, s, amp=False)
+    graphed, opt_g, sched_g = _graph_setup()
+    step = GraphedTrainStep(graphed, graphed, opt_g, sched_g, loss_fn, amp=False)
+    for s in range(steps):
+        losses = step({k: v.cuda() for k, v in batch_fn(s).items()}, s)
+    assert step.graph is not None and step.failed is None
+    assert opt_g.param_groups[0]["lr"] == pytest.approx(opt_e.param_groups[0]["lr"]) == 1e-2 * 0.5 ** 4
+    for a, b in zip(eager.parameters(), graphed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(losses["loss"]) and "grad_norm" in losses
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs exist only on a GPU")
+def test_cuda_graph_step_that_reads_the_gpu_falls_back_to_eager_steps():
+    from vqhps.train import GraphedTrainStep
+
+    def syncing_loss(model, batch, step):
+        out = loss_fn(model, batch, step)
+        if out["loss"].item() < 0:  # a host read: cannot be captured
+            raise AssertionError("unreachable")
+        return out
+
+    model, opt, sched = _graph_setup()
+    step = GraphedTrainStep(model, model, opt, sched, syncing_loss, amp=False)
+    with pytest.warns(UserWarning, match="not captured in a CUDA graph"):
+        losses = [float(step({k: v.cuda() for k, v in batch_fn(s).items()}, s)["loss"]) for s in range(8)]
+    assert step.failed and step.graph is None and losses[-1] < losses[0]

@@ -30,7 +30,7 @@ from .reproduce import device_name
 PARTS = ("rendering", "ceiling", "vqhps", "data", "mesh_vqvae")
 #: leading columns of a benchmark table, in this order (rows may add their own after them)
 COLUMNS = ("what", "kind", "items_per_s", "ratio_to_ceiling", "ms_per_batch", "peak_mb", "batch", "precision",
-           "compiled", "channels_last", "torch", "device")
+           "compiled", "compile_mode", "cuda_graph_train_step", "channels_last", "torch", "device")
 #: row kind -> the ceiling row its ``ratio_to_ceiling`` divides by
 CEILING_OF = {"inference": "resnet50_x2_inference", "training": "resnet50_x2_train_step",
               "input": "resnet50_x2_train_step"}
@@ -159,7 +159,8 @@ class BenchSettings:
 
     parts: tuple[str, ...] = PARTS
     inference_batch: int = 256
-    warmup: int = 3
+    #: calls before timing: a CUDA-graph training step runs 3 eagerly, then is captured
+    warmup: int = 5
     iters: int = 10
     render_images: int = 64
     vqvae_batch: int = 256
@@ -183,11 +184,14 @@ class BenchSettings:
 def run_facts(cfg, device: torch.device) -> dict:
     """Columns every VQ-HPS and ceiling row carries: how the models ran (as ``prepare_model`` and the
     training loop run them) and where."""
+    from .train import graph_capture_possible
+
     cuda = device.type == "cuda"
     return {"precision": "bf16" if cfg.runtime.amp and cuda else "fp32",
             "compiled": bool(cfg.runtime.compile and cuda), "channels_last": bool(cfg.runtime.channels_last),
             "torch": torch.__version__, "device": device_name(device),
-            "compile_mode": (cfg.runtime.compile_mode or "default") if cfg.runtime.compile and cuda else None}
+            "compile_mode": (cfg.runtime.compile_mode or "default") if cfg.runtime.compile and cuda else None,
+            "cuda_graph_train_step": graph_capture_possible(cfg.runtime, device)}
 
 
 def _row(what: str, kind: str, batch: int, sec: float, device: torch.device, facts: dict, **extra) -> dict:
@@ -278,9 +282,11 @@ class BackbonePair(nn.Module):
 
 def bench_ceiling(cfg, body, device: torch.device, s: BenchSettings) -> list[dict]:
     """Two ResNet-50 passes per image: inference (eval, no grad) at the inference batch, and a
-    training step (train mode, forward + backward + fused AdamW over both) at cfg.vqhps.batch_size."""
+    training step (train mode, forward + backward + gradient norm + fused AdamW over both) at
+    cfg.vqhps.batch_size, taken as VQ-HPS's steps are (``make_train_step``: one CUDA graph where
+    ``runtime.cuda_graph`` applies)."""
     from .hps_training import prepare_model
-    from .train import autocast, new_iteration
+    from .train import autocast, make_train_step, new_iteration
 
     facts = run_facts(cfg, device)
     rows = []
@@ -298,20 +304,16 @@ def bench_ceiling(cfg, body, device: torch.device, s: BenchSettings) -> list[dic
         rows.append(_row("resnet50_x2_inference", "inference", s.inference_batch, sec, device, facts))
         pair.train()
         bs = cfg.vqhps.batch_size
-        x = bench_images(cfg, bs, device, offset=1)
+        batch = {"image": bench_images(cfg, bs, device, offset=1)}
         opt = torch.optim.AdamW(pair.parameters(), lr=cfg.vqhps.lr, weight_decay=cfg.vqhps.weight_decay,
                                 fused=device.type == "cuda")
 
-        def step():
-            new_iteration()
-            with autocast(device, cfg.runtime.amp):
-                pooled, spatial = pair(x)
-                loss = pooled.float().mean() + spatial.float().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        def loss_fn(model, batch: dict, step: int) -> dict[str, torch.Tensor]:
+            pooled, spatial = model(batch["image"])
+            return {"loss": pooled.float().mean() + spatial.float().mean()}
 
-        sec = _measure(step, device, s)
+        step = make_train_step(pair, pair, opt, None, loss_fn, cfg.runtime, cuda_graph=True)
+        sec = _measure(lambda: step(batch, 0), device, s)
         rows.append(_row("resnet50_x2_train_step", "training", bs, sec, device, facts))
     return rows
 
@@ -322,19 +324,10 @@ class TrainingRig:
     """Everything a VQ-HPS training step needs, built as ``train_vqhps`` builds it."""
 
     model: nn.Module
-    wrapped: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    loss_fn: Callable
     batch_fn: Callable[[int], dict]
-    amp: bool
-
-    def step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        """One optimisation step exactly as the training loop takes it."""
-        from .train import train_step
-
-        return train_step(self.wrapped, self.model, self.optimizer, self.scheduler, batch, self.loss_fn, step,
-                          self.amp)
+    #: ``step(batch, step) -> losses``, exactly as the training loop takes it (``make_train_step``)
+    step: Callable[[dict, int], dict[str, torch.Tensor]]
 
 
 def vqhps_training_rig(cfg, body, vqvae, device: torch.device, global_batch: int, n_images: int) -> TrainingRig:
@@ -344,7 +337,7 @@ def vqhps_training_rig(cfg, body, vqvae, device: torch.device, global_batch: int
     random samples with global batch ``global_batch``."""
     from .hps_training import (Schedule, benchmark_batches, build_vqhps, prepare_model, schedule_optimizer,
                                token_table, vqhps_config, vqhps_loss_fn)
-    from .train import wrap_ddp
+    from .train import make_train_step, wrap_ddp
 
     hcfg = vqhps_config(cfg, backbone_weights=None)
     arrays = random_split_arrays(cfg, body, n_images)
@@ -356,7 +349,8 @@ def vqhps_training_rig(cfg, body, vqvae, device: torch.device, global_batch: int
                                               device)
     tokens = token_table(vqvae, body, arrays, device)  # before any timed step, even without warm-up
     loss_fn = vqhps_loss_fn(vqvae, body, hcfg, lambda: tokens)
-    return TrainingRig(model, wrap_ddp(model), optimizer, scheduler, loss_fn, batch_fn, cfg.runtime.amp)
+    step = make_train_step(wrap_ddp(model), model, optimizer, scheduler, loss_fn, cfg.runtime, cuda_graph=True)
+    return TrainingRig(model, optimizer, batch_fn, step)
 
 
 def bench_vqhps(cfg, body, device: torch.device, s: BenchSettings) -> list[dict]:
@@ -424,8 +418,8 @@ def _annotated(rows: list[dict], kind: str, device: torch.device) -> list[dict]:
     out = []
     for r in rows:
         out.append({"what": r["what"], "kind": kind, "items_per_s": r["items_per_s"], "ratio_to_ceiling": None,
-                    **r, "compiled": False, "channels_last": False, "torch": torch.__version__,
-                    "device": device_name(device)})
+                    **r, "compiled": False, "compile_mode": None, "cuda_graph_train_step": False,
+                    "channels_last": False, "torch": torch.__version__, "device": device_name(device)})
     return out
 
 

@@ -121,8 +121,8 @@ class VQVAEConfig:
     dead_code_threshold: float = 1e-3
     batch_size: int = 64
     lr: float = 1e-3
-    pretrain_steps: int = 10_000
-    finetune_steps: int = 2_500
+    pretrain_steps: int = 14_000
+    finetune_steps: int = 3_000
     finetune_lr: float = 2e-4
 
 
@@ -192,6 +192,9 @@ class RuntimeConfig:
     #: torch.compile mode of the compiled parts (None: torch's default; "reduce-overhead" replays them
     #: as CUDA graphs, for hosts that cannot launch kernels as fast as the GPU runs them)
     compile_mode: str | None = None
+    #: on one GPU, capture each VQ-HPS / baseline training step (forward, losses, backward, optimizer)
+    #: in one CUDA graph and replay it: the host launches one graph instead of ~2,000 kernels
+    cuda_graph: bool = True
     channels_last: bool = True
     log_every: int = 50
     ckpt_every: int = 1_000

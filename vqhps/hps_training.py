@@ -157,7 +157,7 @@ def fit(cfg, name: str, model: torch.nn.Module, loss_fn, schedule: Schedule, tra
     meta = {**meta, "schedule": asdict(schedule), "steps_per_epoch": spe}
     return train(name, model, optimizer, scheduler, batch_fn, loss_fn, total, checkpoint_dir(cfg), cfg.runtime,
                  meta=meta, stop_after=stop_after, eval_fn=eval_fn if validate else None,
-                 eval_every=log_every if validate else 0)
+                 eval_every=log_every if validate else 0, cuda_graph=True)
 
 
 # ---------------------------------------------------------------------------------------- VQ-HPS

@@ -16,6 +16,7 @@ import csv
 import io
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -131,13 +132,128 @@ def train_step(wrapped: torch.nn.Module, model: torch.nn.Module, optimizer: torc
     return losses
 
 
+def graph_capture_possible(runtime, device: torch.device) -> bool:
+    """Whether ``runtime.cuda_graph`` can apply: CUDA, one process (DDP's gradient hooks talk to the
+    other ranks) and no compiled CUDA graphs of its own (``compile_mode="reduce-overhead"``)."""
+    mode = str(runtime.compile_mode or "")
+    return (bool(getattr(runtime, "cuda_graph", False)) and device.type == "cuda" and not current().enabled
+            and not (runtime.compile and ("reduce-overhead" in mode or "cudagraphs" in mode)))
+
+
+class GraphedTrainStep:
+    """:func:`train_step` captured once in a CUDA graph and replayed for every later step.
+
+    A training step launches about two thousand kernels; a slow host launches them more slowly than
+    the GPU runs them. Replaying one graph costs the GPU time alone. The first ``warmup`` calls run
+    eagerly on a side stream (compilation, lazy initialisation, the loss's cached tables), the next
+    is captured; each call copies its batch into the static tensors the graph reads, replays, then
+    steps the scheduler on the host. Learning rates reach the graph through device tensors, refreshed
+    from the (float) param-group values before a replay, so schedulers and checkpoints are unchanged.
+    The returned losses are the graph's outputs: read them before the next call. A step that cannot
+    be captured (a host synchronisation, a data-dependent shape) falls back to eager steps, warning
+    once. Calls take the same arguments as :func:`train_step` minus the models and optimizer.
+    """
+
+    def __init__(self, wrapped: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+                 loss_fn: Callable[[torch.nn.Module, dict, int], dict[str, torch.Tensor]], amp: bool,
+                 grad_clip: float | None = None, warmup: int = 3) -> None:
+        self.wrapped, self.model, self.optimizer, self.scheduler = wrapped, model, optimizer, scheduler
+        self.loss_fn, self.amp, self.grad_clip, self.warmup = loss_fn, amp, grad_clip, warmup
+        self.device = next(model.parameters()).device
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.failed: str | None = None
+        self.static_batch: dict = {}
+        self.static_losses: dict[str, torch.Tensor] = {}
+        self.lr_tensors: list[torch.Tensor] = []
+        self.lr_values: list[float] = []
+
+    def _eager(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        return train_step(self.wrapped, self.model, self.optimizer, self.scheduler, batch, self.loss_fn, step,
+                          self.amp, self.grad_clip)
+
+    def __call__(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        if self.failed is not None:
+            return self._eager(batch, step)
+        if self.graph is None and self.calls <= self.warmup:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                losses = self._eager(batch, step)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return losses
+        if self.graph is None:
+            try:
+                self._capture(batch, step)
+            except Exception as err:  # noqa: BLE001 - any capture failure means: run this step eagerly
+                self.graph, self.failed = None, f"{type(err).__name__}: {err}"
+                warnings.warn(f"training step not captured in a CUDA graph ({self.failed}); running eagerly")
+                return self._eager(batch, step)
+        else:
+            self._load(batch)
+        self._refresh_lr()
+        self.graph.replay()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return self.static_losses
+
+    def _load(self, batch: dict) -> None:
+        missing = sorted(set(self.static_batch) - set(batch))
+        if missing or any(batch[k].shape != v.shape for k, v in self.static_batch.items() if k in batch):
+            raise ValueError("a CUDA-graph training step needs every batch with the same keys and shapes as "
+                             f"the captured one (missing {missing}); drop the last partial batch")
+        for k, v in batch.items():
+            if k in self.static_batch:
+                self.static_batch[k].copy_(v, non_blocking=True)
+
+    def _refresh_lr(self) -> None:
+        for i, group in enumerate(self.optimizer.param_groups):
+            lr = float(group["lr"])
+            if lr != self.lr_values[i]:
+                self.lr_tensors[i].fill_(lr)
+                self.lr_values[i] = lr
+
+    def _capture(self, batch: dict, step: int) -> None:
+        self.static_batch = {k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        groups = self.optimizer.param_groups
+        self.lr_values = [float(g["lr"]) for g in groups]
+        self.lr_tensors = [torch.tensor(v, dtype=torch.float32, device=self.device) for v in self.lr_values]
+        saved = [(g["lr"], g.get("capturable", False)) for g in groups]
+        graph = torch.cuda.CUDAGraph()
+        try:
+            for g, lr in zip(groups, self.lr_tensors):
+                g["lr"], g["capturable"] = lr, True
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                losses = train_step(self.wrapped, self.model, self.optimizer, None, self.static_batch,
+                                    self.loss_fn, step, self.amp, self.grad_clip)
+        finally:
+            for g, (lr, capturable) in zip(groups, saved):
+                g["lr"], g["capturable"] = lr, capturable
+        self.graph, self.static_losses = graph, losses
+
+
+def make_train_step(wrapped: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+                    loss_fn: Callable[[torch.nn.Module, dict, int], dict[str, torch.Tensor]], runtime,
+                    grad_clip: float | None = None, cuda_graph: bool = False) -> Callable[[dict, int], dict]:
+    """``step_fn(batch, step) -> losses``: :class:`GraphedTrainStep` where ``cuda_graph`` is asked
+    for and :func:`graph_capture_possible`, else plain :func:`train_step`."""
+    device = next(model.parameters()).device
+    if cuda_graph and graph_capture_possible(runtime, device):
+        return GraphedTrainStep(wrapped, model, optimizer, scheduler, loss_fn, runtime.amp, grad_clip)
+    return lambda batch, step: train_step(wrapped, model, optimizer, scheduler, batch, loss_fn, step,
+                                          runtime.amp, grad_clip)
+
+
 def train(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
           scheduler: torch.optim.lr_scheduler.LRScheduler | None, batch_fn: Callable[[int], dict],
           loss_fn: Callable[[torch.nn.Module, dict, int], dict[str, torch.Tensor]], total_steps: int,
           out_dir: Path, runtime, meta: dict | None = None, stop_after: int | None = None,
           eval_fn: Callable[[torch.nn.Module, int], dict[str, float]] | None = None, eval_every: int = 0,
           grad_clip: float | None = None, global_batch: int | None = None, seed: int | None = None,
-          find_unused_parameters: bool = False) -> TrainResult:
+          find_unused_parameters: bool = False, cuda_graph: bool = False) -> TrainResult:
     """Train ``model`` for ``total_steps`` steps, resuming from ``out_dir/name.pt`` when present.
 
     ``batch_fn(step)`` returns this rank's share of the step's global batch (use :func:`rank_slice`);
@@ -149,7 +265,9 @@ def train(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     with; a resumed run keeps its checkpoint's) drives the per-rank, per-step torch RNG.
     ``eval_fn(model, step)`` runs on every rank with the unwrapped model; it may shard its work and
     average with :func:`vqhps.distributed.mean_across_ranks`. ``find_unused_parameters`` is passed to
-    DDP for models whose forward skips some parameters."""
+    DDP for models whose forward skips some parameters. ``cuda_graph``: the step may be captured in a
+    CUDA graph (:class:`GraphedTrainStep`, where ``runtime.cuda_graph`` allows it); only for steps free
+    of host synchronisations and with batches of one shape."""
     info = current()
     if global_batch is not None:
         per_rank_batch(global_batch, info.world)
@@ -178,6 +296,7 @@ def train(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         return result
 
     wrapped = wrap_ddp(model, find_unused_parameters)
+    step_fn = make_train_step(wrapped, model, optimizer, scheduler, loss_fn, runtime, grad_clip, cuda_graph)
     t0 = time.perf_counter()
     last_saved = start if ckpt_path.exists() else None
     elapsed = 0.0
@@ -203,7 +322,7 @@ def train(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     for step in bar:
         torch.manual_seed(rank_seed(seed, info.rank, step))
         batch = batch_fn(step)
-        losses = train_step(wrapped, model, optimizer, scheduler, batch, loss_fn, step, runtime.amp, grad_clip)
+        losses = step_fn(batch, step)
         for k, v in losses.items():
             running[k] = running.get(k, 0.0) + v.detach().float()
         accumulated += 1

@@ -39,16 +39,49 @@ def corpus_parameters(part: str, index: int, batch: int, seed: int) -> tuple[tor
     return angles_to_local_rotations(angles[rows]), shape[rows]
 
 
-def corpus_batch(body, part: str, index: int, batch: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Canonical meshes (B, V, 3) of corpus batch ``index`` of ``part``."""
-    pose, shape = corpus_parameters(part, index, batch, seed)
+#: meshes posed per body-model call when a chunk is posed (bounds the posing's peak memory)
+POSE_PIECE = 1024
+#: the last posed chunk: (key, canonical meshes of its CHUNK batches)
+_posed: dict[str, tuple[tuple, torch.Tensor]] = {}
+
+
+def _posed_chunk(body, part: str, chunk: int, batch: int, seed: int, device: torch.device | str) -> torch.Tensor:
+    """Canonical meshes (CHUNK * batch, V, 3) of one chunk, posed a piece of POSE_PIECE meshes at a
+    time: one body-model call per piece rather than per batch (posing costs about as much for 1,024
+    meshes as for 64: it is bounded by kernel launches). The last chunk stays cached."""
+    from vqhps.data.poses import angles_to_local_rotations
+
+    key = (id(body), part, chunk, batch, seed, str(device))
+    cached = _posed.get("chunk")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    _posed.clear()  # release the previous chunk before posing the next
+    angles, shape = _chunk(part, chunk, batch, seed)
+    pieces = []
     with torch.no_grad():
-        verts = body(pose.to(device), torch.as_tensor(shape, device=device)).vertices
-    return verts - verts.mean(1, keepdim=True)
+        for i in range(0, len(angles), POSE_PIECE):
+            pose = angles_to_local_rotations(angles[i:i + POSE_PIECE]).to(device)
+            verts = body(pose, torch.as_tensor(shape[i:i + POSE_PIECE], device=device)).vertices
+            pieces.append(verts - verts.mean(1, keepdim=True))
+    meshes = torch.cat(pieces)
+    _posed["chunk"] = (key, meshes)
+    return meshes
+
+
+def corpus_batch(body, part: str, index: int, batch: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Canonical meshes (B, V, 3) of corpus batch ``index`` of ``part`` (its chunk is posed at once and
+    kept for the chunk's other batches)."""
+    chunk, pos = divmod(index, CHUNK)
+    return _posed_chunk(body, part, chunk, batch, seed, device)[pos * batch:(pos + 1) * batch]
 
 
 def corpus_test_set(body, n: int, seed: int, batch: int = 100, device: torch.device | str = "cpu") -> torch.Tensor:
     """The fixed held-out test part: ``n`` canonical meshes."""
-    chunks = [corpus_batch(body, "test", i, min(batch, n - i * batch), seed, device)
-              for i in range((n + batch - 1) // batch)]
+    chunks = []
+    for i in range((n + batch - 1) // batch):
+        size = min(batch, n - i * batch)
+        pose, shape = corpus_parameters("test", i, size, seed)
+        with torch.no_grad():
+            verts = body(pose.to(device), torch.as_tensor(shape, device=device)).vertices
+        chunks.append(verts - verts.mean(1, keepdim=True))
     return torch.cat(chunks)
