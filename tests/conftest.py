@@ -75,3 +75,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def no_host_data():
+    """Context manager failing on any tensor made from host data (``torch.tensor(...)``,
+    ``new_tensor``): on a GPU each is a host-to-device copy, which a training step captured in a CUDA
+    graph cannot make."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoHostData(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default):
+                raise AssertionError(f"a tensor made from host data inside the step ({func})")
+            return func(*args, **(kwargs or {}))
+
+    return NoHostData

@@ -254,3 +254,21 @@ def test_cli_trains_a_baseline_under_another_name_and_evaluates_it(tmp_path, bod
     _, expected = H.evaluate_split(bt.baseline_predictor()(model), splits["val"], body, cfg, CPU, progress=False)
     for column in ("PVE", "MPJPE", "PA-MPJPE", "rot_err_deg"):
         assert written.loc["full", column] == pytest.approx(expected.loc["full", column], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["hmr", "cliff", "fastmetro"])
+def test_a_baseline_training_step_makes_no_tensor_from_host_data(name, body, splits, no_host_data):
+    """What capturing the step in a CUDA graph (runtime.cuda_graph) needs: after the first step, a
+    step only uses tensors already on its device."""
+    from vqhps.train import train_step
+
+    cfg = load_config("smoke", **SMALL)
+    batch_fn = H.benchmark_batches(cfg, subset(splits["train"], 8), body, torch.device("cpu"), batch_size=4)
+    torch.manual_seed(0)
+    model = bt.build_baseline(name, cfg, body)
+    optimizer, loss_fn = torch.optim.AdamW(model.parameters(), lr=1e-4), bt.baseline_loss_fn()
+    train_step(model, model, optimizer, None, batch_fn(0), loss_fn, 0, amp=False)
+    batch = batch_fn(1)
+    with no_host_data():
+        losses = train_step(model, model, optimizer, None, batch, loss_fn, 1, amp=False)
+    assert torch.isfinite(losses["loss"])

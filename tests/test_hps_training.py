@@ -213,3 +213,17 @@ def test_resuming_with_other_settings_is_refused(body, vqvae, trained):
         H.train_vqhps(cfg, body, vqvae, name="run", **{**kwargs, "lr": 5e-4})
     with pytest.raises(ValueError, match="unknown VQHPSConfig field"):
         H.train_vqhps(cfg, body, vqvae, name="run", learning_rate=1e-3)
+
+
+def test_a_training_step_makes_no_tensor_from_host_data(smoke_cfg, body, vqvae, no_host_data):
+    """What capturing the step in a CUDA graph (runtime.cuda_graph) needs: after the first steps (the
+    token table, lazy set-up), a step only uses tensors already on its device."""
+    from vqhps.bench import vqhps_training_rig
+
+    rig = vqhps_training_rig(smoke_cfg, body, vqvae, CPU, global_batch=4, n_images=8)
+    for step in range(2):
+        rig.step(rig.batch_fn(step), step)
+    batch = rig.batch_fn(2)
+    with no_host_data():
+        losses = rig.step(batch, 2)
+    assert torch.isfinite(losses["loss"]) and not losses["loss"].requires_grad

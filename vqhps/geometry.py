@@ -128,7 +128,9 @@ def rotation_angle_up_to_turn_deg(R_pred: torch.Tensor, R_gt: torch.Tensor) -> t
     body turned around (``R_gt @ TURN_AROUND``): the error of an orientation that may have front and
     back swapped. A diagnostic: it falls while the plain error still reads ~90 deg when a model has
     learned the heading up to front/back (180 deg flips)."""
-    turned = R_gt @ torch.tensor(TURN_AROUND, dtype=R_gt.dtype, device=R_gt.device)
+    # R_gt @ TURN_AROUND negates its first and third columns; no constant tensor from the host (a
+    # CUDA-graph training step cannot copy one in)
+    turned = torch.stack((-R_gt[..., 0], R_gt[..., 1], -R_gt[..., 2]), dim=-1)
     return torch.minimum(rotation_angle_deg(R_pred, R_gt), rotation_angle_deg(R_pred, turned))
 
 

@@ -124,12 +124,13 @@ def train_step(wrapped: torch.nn.Module, model: torch.nn.Module, optimizer: torc
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
     # the gradient norm is logged (it diagnoses a stalled run); clipping only when asked for
-    losses = {**losses, "grad_norm": torch.nn.utils.clip_grad_norm_(
-        model.parameters(), grad_clip if grad_clip else float("inf"))}
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return losses
+    # detached: a loss kept alive with its graph would tie the next step's gradient accumulation to
+    # this step's stream
+    return {**{k: v.detach() for k, v in losses.items()}, "grad_norm": grad_norm}
 
 
 def graph_capture_possible(runtime, device: torch.device) -> bool:

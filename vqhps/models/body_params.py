@@ -8,6 +8,7 @@ and every other bone keeps the identity. The global rotation is separate (body f
 frame, as ``root_rot`` of the data)."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -31,6 +32,13 @@ BONE_MIRROR_INDEX = mirror_index(ANNY_BONE_LABELS)
 _MIRROR = torch.diag(torch.tensor([-1.0, 1.0, 1.0]))
 
 
+@functools.cache
+def _on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ARTICULATED_INDEX, BONE_MIRROR_INDEX, _MIRROR) on ``device``, copied once: a training step
+    captured in a CUDA graph cannot copy host tensors in."""
+    return ARTICULATED_INDEX.to(device), BONE_MIRROR_INDEX.to(device), _MIRROR.to(device)
+
+
 def full_precision(t: torch.Tensor) -> torch.autocast:
     """Context that turns autocast off on ``t``'s device: body model, geometry and losses run in fp32."""
     return torch.autocast(device_type=t.device.type, enabled=False)
@@ -41,20 +49,20 @@ def scatter_pose(local: torch.Tensor, n_bones: int = ANNY_N_BONES) -> torch.Tens
     """(B, 27, 3, 3) articulated-joint rotations -> (B, 104, 3, 3) body pose, identity elsewhere."""
     b = local.shape[0]
     eye = torch.eye(3, dtype=local.dtype, device=local.device).expand(b, n_bones, 3, 3)
-    index = ARTICULATED_INDEX.to(local.device)
-    return eye.index_copy(1, index, local)
+    return eye.index_copy(1, _on(local.device)[0], local)
 
 
 def gather_articulated(pose: torch.Tensor) -> torch.Tensor:
     """(B, 104, 3, 3) body pose -> (B, 27, 3, 3) rotations of the articulated joints."""
-    return pose[:, ARTICULATED_INDEX.to(pose.device)]
+    return pose[:, _on(pose.device)[0]]
 
 
 def mirror_pose(pose: torch.Tensor) -> torch.Tensor:
     """Left/right mirror image of (B, 104, 3, 3) poses: twins swap and each rotation is conjugated
     by the x mirror, so the posed mesh is the mirrored mesh (what a horizontally flipped image shows)."""
-    m = _MIRROR.to(pose)
-    return m @ pose[:, BONE_MIRROR_INDEX.to(pose.device)] @ m
+    _, twins, m = _on(pose.device)
+    m = m.to(pose.dtype)
+    return m @ pose[:, twins] @ m
 
 
 def pose_targets(batch: dict[str, Any]) -> torch.Tensor:
