@@ -57,15 +57,17 @@ def _posed_chunk(body, part: str, chunk: int, batch: int, seed: int, device: tor
         return cached[1]
     _posed.clear()  # release the previous chunk before posing the next
     angles, shape = _chunk(part, chunk, batch, seed)
-    pieces = []
-    with torch.no_grad():
-        for i in range(0, len(angles), POSE_PIECE):
-            pose = angles_to_local_rotations(angles[i:i + POSE_PIECE]).to(device)
-            verts = body(pose, torch.as_tensor(shape[i:i + POSE_PIECE], device=device)).vertices
-            pieces.append(verts - verts.mean(1, keepdim=True))
-    meshes = torch.cat(pieces)
+    meshes = torch.cat([_canonical(body, angles_to_local_rotations(angles[i:i + POSE_PIECE]),
+                                   shape[i:i + POSE_PIECE], device) for i in range(0, len(angles), POSE_PIECE)])
     _posed["chunk"] = (key, meshes)
     return meshes
+
+
+def _canonical(body, pose: torch.Tensor, shape: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """Canonical meshes of (pose, phenotype) pairs, on ``device``: the benchmark's own targets."""
+    from vqhps.data.datasets import canonical_targets
+
+    return canonical_targets(body, pose, torch.as_tensor(shape)).to(device)
 
 
 def corpus_batch(body, part: str, index: int, batch: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -77,11 +79,6 @@ def corpus_batch(body, part: str, index: int, batch: int, seed: int, device: tor
 
 def corpus_test_set(body, n: int, seed: int, batch: int = 100, device: torch.device | str = "cpu") -> torch.Tensor:
     """The fixed held-out test part: ``n`` canonical meshes."""
-    chunks = []
-    for i in range((n + batch - 1) // batch):
-        size = min(batch, n - i * batch)
-        pose, shape = corpus_parameters("test", i, size, seed)
-        with torch.no_grad():
-            verts = body(pose.to(device), torch.as_tensor(shape, device=device)).vertices
-        chunks.append(verts - verts.mean(1, keepdim=True))
+    chunks = [_canonical(body, *corpus_parameters("test", i, min(batch, n - i * batch), seed), device)
+              for i in range((n + batch - 1) // batch)]
     return torch.cat(chunks)
