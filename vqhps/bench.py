@@ -185,15 +185,14 @@ class BenchSettings:
 
 def run_facts(cfg, device: torch.device) -> dict:
     """Columns every VQ-HPS and ceiling row carries: how the models ran (as ``prepare_model`` and the
-    training loop run them) and where."""
-    from .train import graph_capture_possible
-
+    training loop run them) and where. ``cuda_graph_train_step`` is None here: training rows set it
+    to whether their step was replayed as a CUDA graph (``replays_graph``)."""
     cuda = device.type == "cuda"
     return {"precision": "bf16" if cfg.runtime.amp and cuda else "fp32",
             "compiled": bool(cfg.runtime.compile and cuda), "channels_last": bool(cfg.runtime.channels_last),
             "torch": torch.__version__, "device": device_name(device),
             "compile_mode": (cfg.runtime.compile_mode or "default") if cfg.runtime.compile and cuda else None,
-            "cuda_graph_train_step": graph_capture_possible(cfg.runtime, device)}
+            "cuda_graph_train_step": None}
 
 
 def _row(what: str, kind: str, batch: int, sec: float, device: torch.device, facts: dict, **extra) -> dict:
@@ -288,7 +287,7 @@ def bench_ceiling(cfg, body, device: torch.device, s: BenchSettings) -> list[dic
     cfg.vqhps.batch_size, taken as VQ-HPS's steps are (``make_train_step``: one CUDA graph where
     ``runtime.cuda_graph`` applies)."""
     from .hps_training import prepare_model
-    from .train import autocast, make_train_step, new_iteration
+    from .train import autocast, make_train_step, new_iteration, replays_graph
 
     facts = run_facts(cfg, device)
     rows = []
@@ -316,7 +315,8 @@ def bench_ceiling(cfg, body, device: torch.device, s: BenchSettings) -> list[dic
 
         step = make_train_step(pair, pair, opt, None, loss_fn, cfg.runtime, cuda_graph=True)
         sec = _measure(lambda: step(batch, 0), device, s)
-        rows.append(_row("resnet50_x2_train_step", "training", bs, sec, device, facts))
+        rows.append(_row("resnet50_x2_train_step", "training", bs, sec, device, facts,
+                         cuda_graph_train_step=replays_graph(step)))
     return rows
 
 
@@ -362,7 +362,7 @@ def bench_vqhps(cfg, body, device: torch.device, s: BenchSettings) -> list[dict]
     alone (one prepared batch reused) and with its input (``benchmark_batches``: pinned copy,
     augmentation, token lookup), as training runs it."""
     from .hps_training import build_vqhps, prepare_model, vqhps_config, vqhps_predictor
-    from .train import autocast, new_iteration
+    from .train import autocast, new_iteration, replays_graph
     from .vqvae_training import build_mesh_vqvae, compile_for
 
     facts = run_facts(cfg, device)
@@ -387,7 +387,8 @@ def bench_vqhps(cfg, body, device: torch.device, s: BenchSettings) -> list[dict]
         rig = vqhps_training_rig(cfg, body, vqvae, device, bs, n_images=4 * bs)
         fixed = rig.batch_fn(0)
         sec = _measure(lambda: rig.step(fixed, 0), device, s)
-        rows.append(_row("vqhps_train_step", "training", bs, sec, device, facts))
+        rows.append(_row("vqhps_train_step", "training", bs, sec, device, facts,
+                         cuda_graph_train_step=replays_graph(rig.step)))
         steps = itertools.count(1)
 
         def step_with_input():
@@ -395,7 +396,8 @@ def bench_vqhps(cfg, body, device: torch.device, s: BenchSettings) -> list[dict]
             return rig.step(rig.batch_fn(k), k)
 
         sec = _measure(step_with_input, device, s)
-        rows.append(_row("vqhps_train_step_with_input", "training", bs, sec, device, facts))
+        rows.append(_row("vqhps_train_step_with_input", "training", bs, sec, device, facts,
+                         cuda_graph_train_step=replays_graph(rig.step)))
     return rows
 
 
@@ -420,7 +422,7 @@ def _annotated(rows: list[dict], kind: str, device: torch.device) -> list[dict]:
     out = []
     for r in rows:
         out.append({"what": r["what"], "kind": kind, "items_per_s": r["items_per_s"], "ratio_to_ceiling": None,
-                    **r, "compiled": False, "compile_mode": None, "cuda_graph_train_step": False,
+                    **r, "compiled": False, "compile_mode": None, "cuda_graph_train_step": None,
                     "channels_last": False, "torch": torch.__version__, "device": device_name(device)})
     return out
 

@@ -248,6 +248,12 @@ def make_train_step(wrapped: torch.nn.Module, model: torch.nn.Module, optimizer:
                                           runtime.amp, grad_clip)
 
 
+def replays_graph(step_fn: Callable[[dict, int], dict]) -> bool:
+    """Whether a step function of :func:`make_train_step` now replays a captured CUDA graph (False
+    before its capture, after a fallback to eager steps, or for plain steps)."""
+    return isinstance(step_fn, GraphedTrainStep) and step_fn.graph is not None
+
+
 def train(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
           scheduler: torch.optim.lr_scheduler.LRScheduler | None, batch_fn: Callable[[int], dict],
           loss_fn: Callable[[torch.nn.Module, dict, int], dict[str, torch.Tensor]], total_steps: int,
