@@ -253,12 +253,14 @@ def vqhps_loss_fn(vqvae, body, hcfg: VQHPSConfig, tokens: Callable[[], torch.Ten
     table = functools.cache(tokens) if tokens is not None else None
 
     def loss_fn(model, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        # the targets go into a copy: a caller's batch (a CUDA graph's static inputs) keeps its keys
         if table is not None:
             ids = table()
-            batch["token_ids"] = ids[batch["index"].to(ids.device), batch["flipped"].long().to(ids.device)]
+            token_ids = ids[batch["index"].to(ids.device), batch["flipped"].long().to(ids.device)]
         else:
             with torch.no_grad(), torch.autocast(batch["canonical"].device.type, enabled=False):
-                batch["token_ids"] = vqvae.encode(batch["canonical"].float())
+                token_ids = vqvae.encode(batch["canonical"].float())
+        batch = {**batch, "token_ids": token_ids}
         out = model(batch["image"], vqvae, body)
         losses = vqhps_losses(out, batch, vqvae, body, hcfg)
         result = {"loss": losses.pop("total"), **{k: v.detach() for k, v in losses.items()}}

@@ -51,7 +51,11 @@ class VaryingConv(nn.Module):
         self.in_channels, self.out_channels, self.n_basis = in_channels, out_channels, n_basis
         self.residual_rate = float(residual_rate)
         self.activation = activation
-        self.register_buffer("index", torch.where(mask, index.long(), 0), persistent=False)
+        # padding reads the row's first real neighbour (its kernel is zero): in the backward pass, padded
+        # entries then add their zeros to spread-out rows instead of all contending for vertex 0
+        index = index.long()
+        first_real = index.gather(1, mask.long().argmax(dim=1, keepdim=True))
+        self.register_buffer("index", torch.where(mask, index, first_real), persistent=False)
         self.register_buffer("mask", mask.float(), persistent=False)
         if weight is None:
             self.register_buffer("res_weight", None, persistent=False)
