@@ -72,3 +72,26 @@ def test_template_bytes_do_not_depend_on_the_thread_count(body, smoke_cfg):
     finally:
         torch.set_num_threads(before)
     assert again.template.numpy().tobytes() == body.template.numpy().tobytes()
+
+
+def test_phenotype_interpolation_weights_by_hand():
+    from vqhps.body.anny_body import interpolation_coefficients
+
+    anchors = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    value = torch.tensor([0.2, 0.75, 0.5, 1.0, -0.1, 1.2], dtype=torch.float64, requires_grad=True)
+    expected = torch.tensor([[0.6, 0.4, 0.0], [0.0, 0.5, 0.5], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0],
+                             [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    weights = interpolation_coefficients(value, anchors)
+    torch.testing.assert_close(weights, expected)
+    # d(weights)/d(value) = -+1 / (anchor spacing) on the bracketing pair, 0 once clamped
+    (weights * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).sum().backward()
+    torch.testing.assert_close(value.grad, torch.tensor([2.0, 2.0, 2.0, 2.0, 0.0, 0.0], dtype=torch.float64))
+    extrapolated = interpolation_coefficients(torch.tensor([-0.1, 1.2], dtype=torch.float64), anchors, extrapolate=True)
+    torch.testing.assert_close(extrapolated, torch.tensor([[1.2, -0.2, 0.0], [0.0, -0.4, 1.4]], dtype=torch.float64))
+
+
+def test_anny_uses_the_device_side_interpolation(body):
+    import anny.utils.interpolation
+    from vqhps.body.anny_body import interpolation_coefficients
+
+    assert anny.utils.interpolation.linear_interpolation_coefficients is interpolation_coefficients

@@ -43,7 +43,26 @@ def _import_anny(cache_dir: Path):
     except ImportError as err:  # pragma: no cover - exercised only without the dependency
         raise ImportError("the body model package `anny` is missing: run `make setup`") from err
     anny.paths.set_anny_cache_path(cache_dir)
+    anny.utils.interpolation.linear_interpolation_coefficients = interpolation_coefficients
     return anny
+
+
+def interpolation_coefficients(value: torch.Tensor, anchors: torch.Tensor, extrapolate: bool = False) -> torch.Tensor:
+    """(B, n) linear interpolation weights of each value over the increasing ``anchors``: the two
+    bracketing anchors get 1 - alpha and alpha (values outside clamp to the ends unless ``extrapolate``).
+
+    anny's phenotype blend weights come from this; it stands in for anny's own version, which indexes
+    with a host-side ``arange`` and so cannot run inside a CUDA graph (HMR's and CLIFF's training steps
+    pose the body). Same values and gradients."""
+    n = anchors.shape[0]
+    if not extrapolate:
+        value = torch.where(value < anchors[0], anchors[0], value)
+        value = torch.where(value > anchors[-1], anchors[-1], value)
+    upper = torch.searchsorted(anchors, value.contiguous(), side="left").clamp(1, n - 1)
+    lower_value, upper_value = anchors[upper - 1], anchors[upper]
+    alpha = ((value - lower_value) / (upper_value - lower_value)).to(anchors.dtype).unsqueeze(1)
+    weights = torch.zeros(value.shape[0], n, dtype=anchors.dtype, device=anchors.device)
+    return weights.scatter(1, (upper - 1).unsqueeze(1), 1.0 - alpha).scatter(1, upper.unsqueeze(1), alpha)
 
 
 def build_anny(cache_dir: Path, topology: str = "anny"):
