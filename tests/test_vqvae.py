@@ -205,3 +205,27 @@ def test_checkpoint_round_trip_and_body_check(sphere, tmp_path):
     torch.testing.assert_close(fresh.decode(model.encode(verts)), model.decode(model.encode(verts)))
     with pytest.raises(CheckpointMismatch, match="body_id"):
         load_checkpoint(path, expect={"body_id": "another-body"})
+
+
+@pytest.mark.parametrize("vqvae_amp, runtime_amp, expected", [(False, True, False), (True, True, True),
+                                                              (True, False, False)])
+def test_mesh_vqvae_trains_in_bf16_only_when_both_switches_allow(monkeypatch, tmp_path, body, vqvae_amp,
+                                                                  runtime_amp, expected):
+    """vqvae.amp (off by default: bf16 activations cost reconstruction accuracy) gates runtime.amp for
+    the Mesh-VQ-VAE's training loop alone."""
+    import vqhps.vqvae_training as vt
+    from vqhps.config import load_config
+
+    seen = {}
+
+    def fake_train(name, model, optimizer, scheduler, batch_fn, loss_fn, steps, directory, runtime, **kwargs):
+        seen["amp"] = runtime.amp
+        raise StopIteration
+
+    monkeypatch.setattr(vt, "train", fake_train)
+    monkeypatch.setenv("VQHPS_RESULTS_DIR", str(tmp_path))
+    cfg = load_config("smoke", **{"vqvae.amp": vqvae_amp, "runtime.amp": runtime_amp})
+    with pytest.raises(StopIteration):
+        vt.train_stage(cfg, body, "pretrain")
+    assert seen["amp"] is expected and cfg.runtime.amp is runtime_amp
+    assert load_config("full").vqvae.amp is False

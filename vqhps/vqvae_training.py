@@ -2,6 +2,7 @@
 fine-tune on the benchmark's training meshes (3DPW analogue), reload, and measure reconstruction."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -94,8 +95,9 @@ def train_stage(cfg, body, stage: str, stop_after: int | None = None,
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1),
                                                     pct_start=0.05, anneal_strategy="cos")
+    runtime = dataclasses.replace(cfg.runtime, amp=cfg.runtime.amp and v.amp)
     result = train(f"mesh_vqvae_{stage}", model, optimizer, scheduler, batch_fn, _loss, steps,
-                   checkpoint_dir(cfg), cfg.runtime, meta=model.checkpoint_meta(), stop_after=stop_after)
+                   checkpoint_dir(cfg), runtime, meta=model.checkpoint_meta(), stop_after=stop_after)
     model.eval()
     return model, result
 
