@@ -272,3 +272,36 @@ def test_a_baseline_training_step_makes_no_tensor_from_host_data(name, body, spl
     with no_host_data():
         losses = train_step(model, model, optimizer, None, batch, loss_fn, 1, amp=False)
     assert torch.isfinite(losses["loss"])
+
+
+def graphed_baseline_steps(name: str, body, train: dict, device: torch.device, steps: int = 5):
+    """(step function, last losses) after ``steps`` steps of baseline ``name`` on ``device`` through
+    ``make_train_step(cuda_graph=True)``, a warning on fallback raised as an error."""
+    import warnings
+
+    from vqhps.train import make_train_step
+
+    cfg = load_config("smoke", **SMALL)
+    batch_fn = H.benchmark_batches(cfg, subset(train, 8), body, device, batch_size=4)
+    torch.manual_seed(0)
+    model = bt.build_baseline(name, cfg, body).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step = make_train_step(model, model, optimizer, None, bt.baseline_loss_fn(), cfg.runtime, cuda_graph=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="training step not captured")
+        for s in range(steps):
+            losses = step(batch_fn(s), s)
+    return step, losses
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs exist only on a GPU")
+@pytest.mark.parametrize("name", ["hmr", "cliff", "fastmetro"])
+def test_a_baseline_training_step_is_captured_in_a_cuda_graph(name, body, splits):
+    """The GPU side of the test above: a host constant moved to the device inside the step (which the
+    CPU cannot see) would make the capture fall back to eager steps."""
+    import copy
+
+    from vqhps.train import replays_graph
+
+    step, losses = graphed_baseline_steps(name, copy.deepcopy(body).cuda(), splits["train"], torch.device("cuda"))
+    assert replays_graph(step) and torch.isfinite(losses["loss"])

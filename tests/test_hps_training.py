@@ -230,3 +230,23 @@ def test_a_training_step_makes_no_tensor_from_host_data(smoke_cfg, body, vqvae, 
     assert torch.isfinite(losses["loss"]) and not losses["loss"].requires_grad
     # a captured graph reads its static batch: the step must not add keys to it (the token targets)
     assert set(batch) == keys
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs exist only on a GPU")
+def test_a_training_step_is_captured_in_a_cuda_graph(smoke_cfg, body, vqvae):
+    """The GPU side of the test above: after its eager warm-up the step replays one CUDA graph, with
+    no fallback warning (a host constant moved to the device would cause one)."""
+    import copy
+    import warnings
+
+    from vqhps.bench import vqhps_training_rig
+    from vqhps.train import replays_graph
+
+    cuda = torch.device("cuda")
+    gpu_body = copy.deepcopy(body).to(cuda)
+    rig = vqhps_training_rig(smoke_cfg, gpu_body, copy.deepcopy(vqvae).to(cuda), cuda, global_batch=4, n_images=8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="training step not captured")
+        for step in range(6):
+            losses = rig.step(rig.batch_fn(step), step)
+    assert replays_graph(rig.step) and torch.isfinite(losses["loss"])
