@@ -161,6 +161,8 @@ def test_runs_train_under_their_own_names_with_their_settings(trained, body, vqv
         stage = "finetune" if name == A.FULL_MODEL else A.ablation(name).vqvae_stage
         assert meta["vqvae_stage"] == stage
         assert meta["vqvae_fingerprint"] == H.vqvae_fingerprint(vqvaes[stage])
+    # the runs on the fine-tuned Mesh-VQ-VAE share one encoded token table, the pre-trained one has its own
+    assert len(list(H.token_cache_dir(cfg).glob("*.pt"))) == 2
     assert "vertex" in results["vqhps_3d_loss"].history[-1]
     assert not any(k.startswith("val_") for k in results["vqhps_3d_loss"].history[-1])  # test split only
     assert load_checkpoint(results["vqhps_3d_loss"].checkpoint)["meta"]["config"]["loss"] == "3d"

@@ -11,7 +11,8 @@ from PIL import Image
 
 from vqhps import demo
 
-torch.set_num_threads(1)
+#: one intra-op thread for this module only (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import torch
 from vqhps import failures, figures_eval, hps_training as hps, uncertainty as unc
 from vqhps.config import UncertaintyConfig
 
-torch.set_num_threads(1)
+#: one intra-op thread for this module only (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------- sampling

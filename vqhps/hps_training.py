@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from . import token_cache
 from .checkpoint import CheckpointMismatch, check_meta, load_checkpoint, read_meta
 from .config import VQHPSConfig
 from .data import synthetic
@@ -244,6 +245,24 @@ def token_table(vqvae, body, arrays: dict[str, np.ndarray], device: torch.device
     return torch.cat(rows)
 
 
+#: meshes per Mesh-VQ-VAE call when ``train_vqhps`` encodes its token table
+TOKEN_BATCH = 256
+
+
+def token_cache_dir(cfg) -> Path:
+    """Where ``cached_token_table`` keeps token tables: beside the profile's checkpoints."""
+    return checkpoint_dir(cfg) / "token_tables"
+
+
+def cached_token_table(cfg, vqvae, body, arrays: dict[str, np.ndarray], device: torch.device) -> torch.Tensor:
+    """``token_table`` of ``arrays`` read from the cache under ``token_cache_dir(cfg)`` when these
+    exact inputs were encoded before (``token_cache.table_key``), else encoded and stored there."""
+    key = token_cache.table_key(vqvae, body, arrays, device, TOKEN_BATCH)
+    build = lambda: token_table(vqvae, body, arrays, device, TOKEN_BATCH, progress=cfg.runtime.progress)  # noqa: E731
+    return token_cache.load_or_build(token_cache_dir(cfg), key, build, device,
+                                     (len(arrays["pose"]), 2, vqvae.n_tokens))
+
+
 def vqhps_loss_fn(vqvae, body, hcfg: VQHPSConfig, tokens: Callable[[], torch.Tensor] | None = None):
     """``loss_fn(model, batch, step)`` of VQ-HPS: ground-truth token ids looked up by the batch's
     sample index and flip in the table ``tokens()`` returns (``token_table``; called once, at the
@@ -326,10 +345,11 @@ def train_vqhps(cfg, body, vqvae, name: str = "vqhps", stop_after: int | None = 
     """Train VQ-HPS (paper Sec. 4.3) and return (model in eval mode, TrainResult).
 
     Token targets come from the frozen ``vqvae``, encoded once for the whole split at the first
-    step (``token_table``; not at all when the checkpoint is already complete; pass the stage the
-    Mesh-VQ-VAE was loaded from as ``vqvae_stage``: it is recorded). ``overrides`` are VQHPSConfig
-    fields, so the Table 2 ablations run here under their own ``name``: ``loss="3d"``,
-    ``use_reprojection=False``, or a pre-train-only Mesh-VQ-VAE
+    step (``token_table``; read back by ``cached_token_table`` when an earlier run encoded the same
+    split with the same Mesh-VQ-VAE and body; not at all when the checkpoint is already complete;
+    pass the stage the Mesh-VQ-VAE was loaded from as ``vqvae_stage``: it is recorded).
+    ``overrides`` are VQHPSConfig fields, so the Table 2 ablations run here under their own
+    ``name``: ``loss="3d"``, ``use_reprojection=False``, or a pre-train-only Mesh-VQ-VAE
     (``vqvae=load_mesh_vqvae(cfg, body, "pretrain")``, ``vqvae_stage="pretrain"``).
     ``train_arrays``/``val_arrays`` default to the profile's train/val splits; ``validate=False``
     skips the per-epoch validation."""
@@ -341,7 +361,7 @@ def train_vqhps(cfg, body, vqvae, name: str = "vqhps", stop_after: int | None = 
     torch.manual_seed(cfg.seed)
     model = prepare_model(build_vqhps(hcfg, body, vqvae), cfg, device)
     train_arrays = _arrays(cfg, "train", train_arrays)
-    tokens = lambda: token_table(vqvae, body, train_arrays, device, progress=cfg.runtime.progress)  # noqa: E731
+    tokens = lambda: cached_token_table(cfg, vqvae, body, train_arrays, device)  # noqa: E731
     result = fit(cfg, name, model, vqhps_loss_fn(vqvae, body, hcfg, tokens), Schedule.of(hcfg),
                  train_arrays, body, meta, augment=augment, stop_after=stop_after,
                  predictor=vqhps_predictor(vqvae, body) if validate else None,
