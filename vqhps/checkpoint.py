@@ -7,6 +7,7 @@ Mesh-VQ-VAE trained on another body model or hierarchy is refused with a one-lin
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -138,3 +139,12 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def state_fingerprint(state: dict[str, torch.Tensor], keep: Callable[[str], bool] = lambda key: True) -> str:
+    """Short hash of the tensors of a state dict (those whose key ``keep`` accepts)."""
+    h = hashlib.sha256()
+    for key in sorted(k for k in state if keep(k)):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import token_cache
-from .checkpoint import CheckpointMismatch, check_meta, load_checkpoint, read_meta
+from .checkpoint import CheckpointMismatch, check_meta, load_checkpoint, read_meta, state_fingerprint
 from .config import VQHPSConfig
 from .data import synthetic
 from .data.datasets import Augmentation, BenchmarkDataset, canonical_targets, prepare_batch
@@ -169,15 +168,6 @@ def vqhps_config(cfg, **overrides) -> VQHPSConfig:
     if unknown:
         raise ValueError(f"unknown VQHPSConfig field(s) {unknown}; valid fields: {sorted(fields)}")
     return dataclasses.replace(cfg.vqhps, **overrides)
-
-
-def state_fingerprint(state: dict[str, torch.Tensor], keep: Callable[[str], bool] = lambda key: True) -> str:
-    """Short hash of the tensors of a state dict (those whose key ``keep`` accepts)."""
-    h = hashlib.sha256()
-    for key in sorted(k for k in state if keep(k)):
-        h.update(key.encode())
-        h.update(state[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def vqvae_fingerprint(vqvae) -> str:

@@ -19,20 +19,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, state_fingerprint
 from .distributed import current
 
 #: raise when ``token_table`` changes what it computes: older files then no longer match
 FORMAT = 1
 
 
-def _hash_tensors(h, prefix: str, module: torch.nn.Module) -> None:
-    tensors = dict(module.named_parameters())
-    tensors.update(module.named_buffers())
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{prefix}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``module``, non-persistent buffers included (the body's are)."""
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
 
 
 def table_key(vqvae: torch.nn.Module, body: torch.nn.Module, arrays: dict[str, np.ndarray],
@@ -40,9 +36,8 @@ def table_key(vqvae: torch.nn.Module, body: torch.nn.Module, arrays: dict[str, n
     """Hex digest of everything ``token_table(vqvae, body, arrays, device, batch_size)`` depends on."""
     h = hashlib.sha256()
     h.update(f"format={FORMAT}|torch={torch.__version__}|device={torch.device(device).type}|"
-             f"batch={int(batch_size)}|body={body.identifier()}|vqvae_training={vqvae.training}".encode())
-    _hash_tensors(h, "vqvae", vqvae)
-    _hash_tensors(h, "body", body)
+             f"batch={int(batch_size)}|body={body.identifier()}|vqvae_training={vqvae.training}|"
+             f"vqvae_tensors={state_fingerprint(_tensors(vqvae))}|body_tensors={state_fingerprint(_tensors(body))}".encode())
     for key in ("pose", "shape"):
         a = np.ascontiguousarray(arrays[key])
         h.update(f"{key}:{a.dtype.str}:{a.shape}".encode())
