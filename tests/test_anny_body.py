@@ -90,6 +90,43 @@ def test_phenotype_interpolation_weights_by_hand():
     torch.testing.assert_close(extrapolated, torch.tensor([[1.2, -0.2, 0.0], [0.0, -0.4, 1.4]], dtype=torch.float64))
 
 
+def test_phenotype_blendshape_weights_match_anny_in_values_and_gradients(body):
+    """The pairwise product that replaces anny's torch.prod (whose backward syncs with the GPU) gives
+    anny's weights and gradients, phenotypes at the ends of their ranges (zero factors) included."""
+    import anny.models.phenotype
+    from vqhps.body.anny_body import phenotype_blendshape_weights
+
+    assert anny.models.phenotype.phenotype_blendshape_weights is phenotype_blendshape_weights
+    anchors = anny.models.phenotype.make_phenotype_anchors(torch.float64, torch.device("cpu"))
+    n_variations = 26
+    mask = (torch.rand(40, n_variations, generator=torch.Generator().manual_seed(0)) < 0.15).double()
+    labels = ["gender", "age", "muscle", "weight", "height", "proportions"]
+    params = torch.rand(5, len(labels), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    params[0] = 0.0
+    params[1] = 1.0  # interpolation weights of exactly 0: zero factors, where torch.prod's backward branches
+    ours = params.clone().requires_grad_(True)
+    theirs = params.clone().requires_grad_(True)
+    expected = _anny_module_copy().phenotype_blendshape_weights(theirs, labels, anchors, mask, extrapolate=False)
+    got = phenotype_blendshape_weights(ours, labels, anchors, mask, extrapolate=False)
+    torch.testing.assert_close(got, expected)
+    probe = torch.randn_like(expected)
+    (got * probe).sum().backward()
+    (expected * probe).sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad)
+
+
+def _anny_module_copy():
+    """A fresh copy of ``anny.models.phenotype``, whose functions are anny's own (unpatched)."""
+    import importlib.util
+
+    import anny.models.phenotype
+
+    spec = importlib.util.spec_from_file_location("anny_phenotype_copy", anny.models.phenotype.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_anny_uses_the_device_side_interpolation(body):
     import anny.utils.interpolation
     from vqhps.body.anny_body import interpolation_coefficients

@@ -207,25 +207,29 @@ def test_checkpoint_round_trip_and_body_check(sphere, tmp_path):
         load_checkpoint(path, expect={"body_id": "another-body"})
 
 
-@pytest.mark.parametrize("vqvae_amp, runtime_amp, expected", [(False, True, False), (True, True, True),
-                                                              (True, False, False)])
-def test_mesh_vqvae_trains_in_bf16_only_when_both_switches_allow(monkeypatch, tmp_path, body, vqvae_amp,
-                                                                  runtime_amp, expected):
+@pytest.mark.parametrize("vqvae_amp, runtime_amp, tf32, expected_amp, expected_tf32",
+                         [(False, True, True, False, True), (True, True, True, True, False),
+                          (True, False, True, False, True), (False, True, False, False, False)])
+def test_mesh_vqvae_training_precision_follows_its_switches(monkeypatch, tmp_path, body, vqvae_amp, runtime_amp,
+                                                             tf32, expected_amp, expected_tf32):
     """vqvae.amp (off by default: bf16 activations cost reconstruction accuracy) gates runtime.amp for
-    the Mesh-VQ-VAE's training loop alone."""
+    the Mesh-VQ-VAE's training loop alone; its fp32 products run on TF32 (vqvae.tf32) during that loop
+    only, the global setting restored after."""
     import vqhps.vqvae_training as vt
     from vqhps.config import load_config
 
     seen = {}
 
     def fake_train(name, model, optimizer, scheduler, batch_fn, loss_fn, steps, directory, runtime, **kwargs):
-        seen["amp"] = runtime.amp
+        seen["amp"], seen["tf32"] = runtime.amp, torch.backends.cuda.matmul.allow_tf32
         raise StopIteration
 
     monkeypatch.setattr(vt, "train", fake_train)
     monkeypatch.setenv("VQHPS_RESULTS_DIR", str(tmp_path))
-    cfg = load_config("smoke", **{"vqvae.amp": vqvae_amp, "runtime.amp": runtime_amp})
+    before = torch.backends.cuda.matmul.allow_tf32
+    cfg = load_config("smoke", **{"vqvae.amp": vqvae_amp, "runtime.amp": runtime_amp, "vqvae.tf32": tf32})
     with pytest.raises(StopIteration):
         vt.train_stage(cfg, body, "pretrain")
-    assert seen["amp"] is expected and cfg.runtime.amp is runtime_amp
-    assert load_config("full").vqvae.amp is False
+    assert seen == {"amp": expected_amp, "tf32": expected_tf32} and cfg.runtime.amp is runtime_amp
+    assert torch.backends.cuda.matmul.allow_tf32 is before
+    assert load_config("full").vqvae.amp is False and load_config("full").vqvae.tf32 is True

@@ -12,6 +12,7 @@ stops training on every rank with a clear message and leaves the last good check
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -61,6 +62,18 @@ def device_of(runtime) -> torch.device:
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast on GPU (no loss scaling needed); a no-op on the CPU or when disabled."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool):
+    """fp32 matrix products on TF32 tensor cores (inputs rounded to 10 mantissa bits, fp32 sums and
+    activations) inside the block when ``enabled``; the previous setting is restored on exit."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def new_iteration() -> None:

@@ -14,7 +14,7 @@ from .data.corpus import corpus_batch
 from .data.datasets import canonical_targets
 from .mesh.hierarchy import build_hierarchy
 from .metrics import joints_from_centred
-from .train import TrainResult, device_of, step_indices, rank_slice, train
+from .train import TrainResult, device_of, rank_slice, step_indices, tf32_matmuls, train
 from .vqvae import MeshVQVAE
 
 STAGES = ("pretrain", "finetune")
@@ -96,8 +96,9 @@ def train_stage(cfg, body, stage: str, stop_after: int | None = None,
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1),
                                                     pct_start=0.05, anneal_strategy="cos")
     runtime = dataclasses.replace(cfg.runtime, amp=cfg.runtime.amp and v.amp)
-    result = train(f"mesh_vqvae_{stage}", model, optimizer, scheduler, batch_fn, _loss, steps,
-                   checkpoint_dir(cfg), runtime, meta=model.checkpoint_meta(), stop_after=stop_after)
+    with tf32_matmuls(v.tf32 and not runtime.amp):
+        result = train(f"mesh_vqvae_{stage}", model, optimizer, scheduler, batch_fn, _loss, steps,
+                       checkpoint_dir(cfg), runtime, meta=model.checkpoint_meta(), stop_after=stop_after)
     model.eval()
     return model, result
 

@@ -44,6 +44,9 @@ def _import_anny(cache_dir: Path):
         raise ImportError("the body model package `anny` is missing: run `make setup`") from err
     anny.paths.set_anny_cache_path(cache_dir)
     anny.utils.interpolation.linear_interpolation_coefficients = interpolation_coefficients
+    import anny.models.phenotype
+
+    anny.models.phenotype.phenotype_blendshape_weights = phenotype_blendshape_weights
     return anny
 
 
@@ -63,6 +66,42 @@ def interpolation_coefficients(value: torch.Tensor, anchors: torch.Tensor, extra
     alpha = ((value - lower_value) / (upper_value - lower_value)).to(anchors.dtype).unsqueeze(1)
     weights = torch.zeros(value.shape[0], n, dtype=anchors.dtype, device=anchors.device)
     return weights.scatter(1, (upper - 1).unsqueeze(1), 1.0 - alpha).scatter(1, upper.unsqueeze(1), alpha)
+
+
+def phenotype_blendshape_weights(phenotype_parameters: torch.Tensor, phenotype_labels: list[str], anchors,
+                                 stacked_phenotype_blend_shapes_mask: torch.Tensor, extrapolate: bool) -> torch.Tensor:
+    """(B, K) weights of anny's phenotype blendshapes: blendshape k weighs the product of the
+    interpolation weights of the variations its mask row selects (race: the normalised race values;
+    phenotypes the model does not expose sit at 0.5).
+
+    Stands in for anny's own version, whose ``torch.prod`` backward asks the GPU whether any factor is
+    zero, a host sync that no CUDA graph can capture (HMR's and CLIFF's training steps pose the body).
+    Same values and gradients: the product is taken by pairwise multiplication instead."""
+    from anny.models.model_data import PHENOTYPE_VARIATIONS
+
+    batch = phenotype_parameters.shape[0]
+
+    def value(label: str) -> torch.Tensor:
+        if label in phenotype_labels:
+            return phenotype_parameters[:, phenotype_labels.index(label)]
+        return phenotype_parameters.new_full((batch,), 0.5)
+
+    weights = {}
+    for feature, variations in PHENOTYPE_VARIATIONS.items():
+        if feature == "race":
+            race = torch.stack([value(label) for label in variations], dim=1)
+            column = torch.nan_to_num(race / race.sum(dim=1, keepdim=True), 1 / 3, 1 / 3, 1 / 3)
+        else:
+            column = interpolation_coefficients(value(feature), anchors[feature], extrapolate=extrapolate)
+        weights.update(zip(variations, column.unbind(1)))
+    per_variation = torch.stack([weights[v] for variations in PHENOTYPE_VARIATIONS.values() for v in variations], 1)
+    mask = stacked_phenotype_blend_shapes_mask.unsqueeze(0)
+    factors = per_variation.unsqueeze(1) * mask + (1 - mask)  # (B, K, V): 1 where the variation is not used
+    while factors.shape[-1] > 1:
+        if factors.shape[-1] % 2:
+            factors = torch.cat((factors, torch.ones_like(factors[..., :1])), dim=-1)
+        factors = factors[..., 0::2] * factors[..., 1::2]
+    return factors.squeeze(-1)
 
 
 def build_anny(cache_dir: Path, topology: str = "anny"):
