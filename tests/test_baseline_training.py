@@ -285,8 +285,10 @@ def graphed_baseline_steps(name: str, body, train: dict, device: torch.device, s
     batch_fn = H.benchmark_batches(cfg, subset(train, 8), body, device, batch_size=4)
     torch.manual_seed(0)
     model = bt.build_baseline(name, cfg, body).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")  # as training makes it
-    step = make_train_step(model, model, optimizer, None, bt.baseline_loss_fn(), cfg.runtime, cuda_graph=True)
+    # the optimizer and schedule training builds (fused AdamW on CUDA, its StepLR through the graph)
+    optimizer, scheduler = H.schedule_optimizer(model.parameters(), H.Schedule.of(bt.baseline_config(cfg)),
+                                                batch_fn.steps_per_epoch, device)
+    step = make_train_step(model, model, optimizer, scheduler, bt.baseline_loss_fn(), cfg.runtime, cuda_graph=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="training step not captured")
         for s in range(steps):
