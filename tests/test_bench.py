@@ -18,6 +18,9 @@ def test_mesh_vqvae_benchmark_rows_and_files(smoke_cfg, body, tmp_path):
     rows = bench_mesh_vqvae(smoke_cfg, body, CPU, batch=2, iters=1, warmup=0)
     assert {r["what"] for r in rows} == {"mesh_vqvae_encode_decode", "mesh_vqvae_train_step", "mesh_corpus_batch",
                                         "mesh_vqvae_decode_fused", "mesh_vqvae_decode_gather"}
+    train_rows = [r for r in rows if r["what"] == "mesh_vqvae_train_step"]
+    assert [r["precision"] for r in train_rows] == ["fp32", "tf32", "bf16"]
+    assert not torch.backends.cuda.matmul.allow_tf32  # the TF32 row restores the switch
     assert os.environ.get("VQHPS_FUSED_CONV") is None  # the switch is restored after the fused/gather rows
     assert all(r["items_per_s"] > 0 and r["ms_per_batch"] > 0 for r in rows)
     path = write_bench(rows, tmp_path, "bench")

@@ -25,6 +25,7 @@ from torch import nn
 
 from .config import environment
 from .reproduce import device_name
+from .train import tf32_matmuls
 
 #: parts of ``python -m vqhps bench``; they run in this order whatever order ``--only`` names them in
 PARTS = ("rendering", "ceiling", "vqhps", "data", "mesh_vqvae")
@@ -91,31 +92,49 @@ def bench_mesh_vqvae(cfg, body, device: torch.device, batch: int = 256, iters: i
             sec = timed(decode, device, warmup=warmup, iters=iters)
         rows.append({"what": f"mesh_vqvae_decode_{path}", "precision": "fp32", "batch": batch,
                      "items_per_s": batch / sec, "ms_per_batch": 1000 * sec, "peak_mb": _peak_mb(device)})
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    rows += _mesh_vqvae_train_steps(cfg, body, device, iters=iters, warmup=warmup)
     train_batch = cfg.vqvae.batch_size
-    x = corpus_batch(body, "train", 2, train_batch, cfg.seed, device)
-    for precision in ("fp32", "bf16"):
-        amp = precision == "bf16" and device.type == "cuda"
-
-        def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = model(x)["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        sec = timed(step, device, warmup=warmup, iters=iters)
-        rows.append({"what": "mesh_vqvae_train_step", "precision": precision, "batch": train_batch,
-                     "items_per_s": train_batch / sec, "ms_per_batch": 1000 * sec, "peak_mb": _peak_mb(device)})
     # each call starts a new chunk, so it poses CHUNK batches at once: the cost per batch is 1 / CHUNK of it
     chunks = itertools.count(1)
     sec = timed(lambda: corpus_batch(body, "train", CHUNK * next(chunks), train_batch, cfg.seed, device), device,
                 warmup=warmup, iters=iters) / CHUNK
     rows.append({"what": "mesh_corpus_batch", "precision": "fp32", "batch": train_batch,
                  "items_per_s": train_batch / sec, "ms_per_batch": 1000 * sec, "peak_mb": float("nan")})
+    return rows
+
+
+def _mesh_vqvae_train_steps(cfg, body, device: torch.device, iters: int, warmup: int) -> list[dict]:
+    """The Mesh-VQ-VAE training step as ``train_stage`` runs it (encoder and decoder compiled per
+    cfg.runtime.compile, fused Adam on CUDA) in fp32, with TF32 matrix products, and in bf16."""
+    from vqhps.data.corpus import corpus_batch
+    from vqhps.vqvae_training import build_mesh_vqvae, compile_for
+
+    torch.manual_seed(cfg.seed)
+    model = build_mesh_vqvae(cfg, body).to(device).train()
+    compiled = bool(cfg.runtime.compile and device.type == "cuda")
+    compile_for(model, cfg, device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    train_batch = cfg.vqvae.batch_size
+    x = corpus_batch(body, "train", 2, train_batch, cfg.seed, device)
+    rows = []
+    with static_shapes(compiled):
+        for precision in ("fp32", "tf32", "bf16"):
+            amp = precision == "bf16" and device.type == "cuda"
+
+            def step():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss = model(x)["loss"]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with tf32_matmuls(precision == "tf32"):
+                sec = timed(step, device, warmup=warmup, iters=iters)
+            rows.append({"what": "mesh_vqvae_train_step", "precision": precision, "batch": train_batch,
+                         "items_per_s": train_batch / sec, "ms_per_batch": 1000 * sec, "peak_mb": _peak_mb(device),
+                         "compiled": compiled})
     return rows
 
 
@@ -422,7 +441,7 @@ def _annotated(rows: list[dict], kind: str, device: torch.device) -> list[dict]:
     out = []
     for r in rows:
         out.append({"what": r["what"], "kind": kind, "items_per_s": r["items_per_s"], "ratio_to_ceiling": None,
-                    **r, "compiled": False, "compile_mode": None, "cuda_graph_train_step": None,
+                    "compiled": False, **r, "compile_mode": None, "cuda_graph_train_step": None,
                     "channels_last": False, "torch": torch.__version__, "device": device_name(device)})
     return out
 
