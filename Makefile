@@ -39,10 +39,10 @@ system-libs:
 test: setup unit-test notebook-test
 
 unit-test: setup
-	$(PYTHON) -m pytest -q --durations=15 tests
+	$(PYTHON) -m pytest -q --durations=25 tests
 
 notebook-test: setup
-	$(PYTHON) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks/
+	$(PYTHON) -m pytest -q -p no:cacheprovider --durations=12 --nbval-lax --nbval-current-env notebooks/
 
 reproduce: setup
 	@echo "make reproduce: profile $(PROFILE), $(NPROC) process(es) $(OVERLAP)"
