@@ -109,6 +109,32 @@ def test_token_spread_decodes_every_sample_of_every_image():
     assert ts.spread[1].item() == 0.0 and torch.equal(ts.ids[:, 1, 0], torch.ones(50, dtype=torch.long))
 
 
+class _RowNoiseVQVAE:
+    """Decodes code 0 to MESH_A and 1 to MESH_B, plus rounding-size noise that depends on the row of the
+    batch (as a batched matrix product may), and counts the meshes it decoded."""
+
+    def __init__(self) -> None:
+        self.decoded = 0
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        self.decoded += len(ids)
+        meshes = _TwoMeshVQVAE().decode(ids)
+        row, vertex = torch.meshgrid(torch.arange(len(ids)), torch.arange(meshes.shape[1]), indexing="ij")
+        return meshes + 1e-6 * (row * vertex)[..., None]  # not rigid: centring does not remove it
+
+
+def test_equal_token_sequences_decode_once_and_spread_exactly_zero():
+    vqvae = _RowNoiseVQVAE()
+    ids = torch.tensor([[[0], [1]], [[0], [1]], [[0], [0]]])  # (K=3, B=2, N=1): image 0 always code 0
+    ts = unc.spread_of_ids(vqvae, ids)
+    assert vqvae.decoded == 2  # two distinct sequences among the six samples
+    assert ts.spread[0].item() == 0.0
+    # image 1: two samples of B, one of A; the noise cannot tell equal samples apart
+    expected = 1000 * 2 * (1 / 3) * (2 / 3) * math.sqrt(2.0)
+    assert np.allclose(ts.vertex[1].numpy(), expected, rtol=1e-5)
+    assert torch.allclose(ts.mean_mesh[0], MESH_A - MESH_A.mean(0))
+
+
 # ---------------------------------------------------------------------------------------- ranks
 def test_spearman_hand_computed_with_ties():
     # ranks of x with the tie averaged: 1, 2.5, 2.5, 4; of y: 1, 3, 2, 4 -> rho = 4.5 / sqrt(4.5 * 5) = 3 / sqrt(10)

@@ -65,9 +65,9 @@ def vertex_spread(meshes: torch.Tensor, centre: bool = True) -> torch.Tensor:
     of the K samples of a vertex to their mean (each mesh centred on its vertex mean first unless
     ``centre`` is False). Computed in float64."""
     x = meshes.double()
-    if centre:
-        x = centre_on_vertex_mean(x)
     d = x - x[:1]  # offsets from the first sample: identical samples give exactly 0, not rounding noise
+    if centre:  # centring is linear, so centring the offsets equals offsetting the centred meshes, and
+        d = centre_on_vertex_mean(d)  # zero offsets stay exactly 0 (a mean per mesh would not)
     return (d - d.mean(dim=0, keepdim=True)).norm(dim=-1).mean(dim=0) * 1000.0
 
 
@@ -84,13 +84,15 @@ class TokenSpread:
 
 @torch.no_grad()
 def spread_of_ids(vqvae, ids: torch.Tensor, decode_batch: int = 256) -> TokenSpread:
-    """Decode K id sequences per sample (K, B, N) with ``vqvae``, all K x B of them in chunks of
-    ``decode_batch`` meshes (fp32, autocast off), and measure their spread (``vertex_spread``)."""
-    flat = ids.reshape(-1, ids.shape[-1])
+    """Decode K id sequences per sample (K, B, N) with ``vqvae`` in chunks of ``decode_batch`` meshes
+    (fp32, autocast off), each distinct sequence once, and measure their spread (``vertex_spread``).
+    Decoding once makes equal sequences equal meshes: a batched matrix product need not give two equal
+    rows the same rounding, which would read as a spread where the samples agree."""
+    distinct, inverse = torch.unique(ids.reshape(-1, ids.shape[-1]), dim=0, return_inverse=True)
     with torch.autocast(ids.device.type, enabled=False):
-        meshes = torch.cat([vqvae.decode(flat[i:i + decode_batch]).float()
-                            for i in range(0, len(flat), decode_batch)])
-    meshes = meshes.reshape(*ids.shape[:2], *meshes.shape[1:])
+        meshes = torch.cat([vqvae.decode(distinct[i:i + decode_batch]).float()
+                            for i in range(0, len(distinct), decode_batch)])
+    meshes = meshes[inverse].reshape(*ids.shape[:2], *meshes.shape[1:])
     vertex = vertex_spread(meshes)
     return TokenSpread(vertex=vertex.float(), spread=vertex.mean(dim=-1).float(), ids=ids,
                        mean_mesh=centre_on_vertex_mean(meshes).mean(dim=0))
