@@ -248,17 +248,17 @@ def _train_baseline(args) -> int:
 def _train(args) -> int:
     if args.name in BASELINE_RUNS:  # HMR, CLIFF or FastMETRO with VQ-HPS's data and optimiser
         return _train_baseline(args)
-    from .ablations import RUNS
-
-    if args.name in RUNS:  # a Table 2 ablation (or its reference): own overrides and Mesh-VQ-VAE stage
-        return _train_ablation(args)
-    try:
+    try:  # first: the ablations import it too
         from .hps_training import train_vqhps
     except ModuleNotFoundError as err:
         if err.name != "vqhps.hps_training":
             raise
         raise RuntimeError("VQ-HPS training (vqhps/hps_training.py, train_vqhps) is not available in this "
                            "checkout; train the Mesh-VQ-VAE with `python -m vqhps train-vae` meanwhile") from None
+    from .ablations import RUNS
+
+    if args.name in RUNS:  # a Table 2 ablation (or its reference): own overrides and Mesh-VQ-VAE stage
+        return _train_ablation(args)
     from .body import load_body
     from .distributed import rank0_first
     from .train import device_of
