@@ -206,3 +206,44 @@ def test_cuda_graph_step_that_reads_the_gpu_falls_back_to_eager_steps():
     with pytest.warns(UserWarning, match="not captured in a CUDA graph"):
         losses = [float(step({k: v.cuda() for k, v in batch_fn(s).items()}, s)["loss"]) for s in range(8)]
     assert step.failed and step.graph is None and not replays_graph(step) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_runtime_holds_during_the_loop_only(tmp_path, deterministic):
+    seen = []
+
+    def recording_loss(model, batch, step):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return loss_fn(model, batch, step)
+
+    runtime = _runtime()
+    runtime.deterministic = deterministic
+    before = torch.are_deterministic_algorithms_enabled()
+    _run(tmp_path, total=3, runtime=runtime, loss=recording_loss)
+    assert seen == [deterministic] * 3
+    assert torch.are_deterministic_algorithms_enabled() is before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="atomic scatter-adds exist only on a GPU")
+def test_deterministic_mesh_convolution_training_repeats_bit_for_bit(tmp_path):
+    """The mesh convolution's backward adds into shared vertices (index_add_): atomically on a GPU, in
+    a varying order, unless runtime.deterministic; then two runs of one seed end on the same weights."""
+    from vqhps.mesh.conv import MeshConv
+
+    n, k = 2000, 9
+    index = torch.randint(0, n, (n, k), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(16, n, 8, generator=torch.Generator().manual_seed(1)).cuda()
+
+    def run(out_dir):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(MeshConv(index, torch.ones(n, k, dtype=torch.bool), 8, 16),
+                                    MeshConv(index, torch.ones(n, k, dtype=torch.bool), 16, 3)).cuda()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        runtime = _runtime()
+        runtime.device, runtime.deterministic = "cuda", True
+        train("conv", model, optimizer, None, lambda s: {"x": x}, lambda m, b, s: {"loss": m(b["x"]).square().mean()},
+              20, out_dir, runtime, seed=SEED)
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(tmp_path / "a"), run(tmp_path / "b")):
+        assert torch.equal(a, b)

@@ -203,6 +203,10 @@ class RuntimeConfig:
     #: on one GPU, capture each VQ-HPS / baseline training step (forward, losses, backward, optimizer)
     #: in one CUDA graph and replay it: the host launches one graph instead of ~2,000 kernels
     cuda_graph: bool = True
+    #: training loops use deterministic algorithms only (torch.use_deterministic_algorithms: sorted
+    #: instead of atomic scatter-adds, fixed cuDNN choices), so two runs of one seed on one GPU give the
+    #: same weights; slower. For comparing settings on one seed without run-to-run noise
+    deterministic: bool = False
     channels_last: bool = True
     log_every: int = 50
     ckpt_every: int = 1_000

@@ -16,6 +16,7 @@ import contextlib
 import csv
 import io
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -74,6 +75,26 @@ def tf32_matmuls(enabled: bool):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """Inside the block, when ``enabled``: only deterministic algorithms (an op without one raises),
+    cuDNN without autotuning, and cuBLAS with the fixed workspace that determinism needs (set when
+    CUBLAS_WORKSPACE_CONFIG is unset). The previous settings are restored on exit."""
+    if not enabled:
+        yield
+        return
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark = previous[2]
 
 
 def new_iteration() -> None:
@@ -287,7 +308,8 @@ def train(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     average with :func:`vqhps.distributed.mean_across_ranks`. ``find_unused_parameters`` is passed to
     DDP for models whose forward skips some parameters. ``cuda_graph``: the step may be captured in a
     CUDA graph (:class:`GraphedTrainStep`, where ``runtime.cuda_graph`` allows it); only for steps free
-    of host synchronisations and with batches of one shape."""
+    of host synchronisations and with batches of one shape. ``runtime.deterministic`` runs the steps
+    with deterministic algorithms only (:func:`deterministic_algorithms`)."""
     info = current()
     if global_batch is not None:
         per_rank_batch(global_batch, info.world)
@@ -315,62 +337,63 @@ def train(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     if start >= total_steps:
         return result
 
-    wrapped = wrap_ddp(model, find_unused_parameters)
-    step_fn = make_train_step(wrapped, model, optimizer, scheduler, loss_fn, runtime, grad_clip, cuda_graph)
-    t0 = time.perf_counter()
-    last_saved = start if ckpt_path.exists() else None
-    elapsed = 0.0
+    with deterministic_algorithms(runtime.deterministic):
+        wrapped = wrap_ddp(model, find_unused_parameters)
+        step_fn = make_train_step(wrapped, model, optimizer, scheduler, loss_fn, runtime, grad_clip, cuda_graph)
+        t0 = time.perf_counter()
+        last_saved = start if ckpt_path.exists() else None
+        elapsed = 0.0
 
-    def save(step: int) -> None:
-        nonlocal elapsed
-        elapsed = time.perf_counter() - t0
-        if info.is_main:
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "step": step, "seed": seed, "history": history, "meta": meta, "world": info.world,
-                "wall_s": wall_before + elapsed})
-            _write_log(log_path, history)
-        barrier()
+        def save(step: int) -> None:
+            nonlocal elapsed
+            elapsed = time.perf_counter() - t0
+            if info.is_main:
+                save_checkpoint(ckpt_path, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "step": step, "seed": seed, "history": history, "meta": meta, "world": info.world,
+                    "wall_s": wall_before + elapsed})
+                _write_log(log_path, history)
+            barrier()
 
-    end = total_steps if stop_after is None else min(total_steps, start + stop_after)
-    running: dict[str, torch.Tensor] = {}
-    accumulated = 0
-    bar = tqdm(range(start, end), desc=name, initial=start, total=total_steps,
-               disable=not (runtime.progress and info.is_main), leave=False)
-    model.train()
-    for step in bar:
-        torch.manual_seed(rank_seed(seed, info.rank, step))
-        batch = batch_fn(step)
-        losses = step_fn(batch, step)
-        for k, v in losses.items():
-            running[k] = running.get(k, 0.0) + v.detach().float()
-        accumulated += 1
-        done = step + 1
-        if done % runtime.log_every == 0 or done == end or done % runtime.ckpt_every == 0:
-            keys = list(running)
-            means = mean_across_ranks(torch.stack([running[k].to(device) for k in keys]) / accumulated).tolist()
-            row = dict(zip(keys, means))
-            running, accumulated = {}, 0
-            bad = [k for k, v in row.items() if not math.isfinite(v)]
-            if bad:
-                kept = (f"the last good checkpoint (step {last_saved}) is kept at {ckpt_path}" if last_saved is not None
-                        else f"no checkpoint was written yet ({ckpt_path})")
-                raise TrainingDiverged(
-                    f"{name}: non-finite {', '.join(bad)} by step {done} ({row}); {kept}. "
-                    "Lower the learning rate or check the data.")
-            row.update(step=done, lr=optimizer.param_groups[0]["lr"],
-                       wall_s=round(wall_before + time.perf_counter() - t0, 2))
-            if eval_fn is not None and eval_every and (done % eval_every == 0 or done == total_steps):
-                model.eval()
-                row.update(eval_fn(model, done))
-                model.train()
-            history.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.4g}")
-        if done % runtime.ckpt_every == 0 or done == end:
-            save(done)
-            last_saved = done
-    bar.close()
+        end = total_steps if stop_after is None else min(total_steps, start + stop_after)
+        running: dict[str, torch.Tensor] = {}
+        accumulated = 0
+        bar = tqdm(range(start, end), desc=name, initial=start, total=total_steps,
+                   disable=not (runtime.progress and info.is_main), leave=False)
+        model.train()
+        for step in bar:
+            torch.manual_seed(rank_seed(seed, info.rank, step))
+            batch = batch_fn(step)
+            losses = step_fn(batch, step)
+            for k, v in losses.items():
+                running[k] = running.get(k, 0.0) + v.detach().float()
+            accumulated += 1
+            done = step + 1
+            if done % runtime.log_every == 0 or done == end or done % runtime.ckpt_every == 0:
+                keys = list(running)
+                means = mean_across_ranks(torch.stack([running[k].to(device) for k in keys]) / accumulated).tolist()
+                row = dict(zip(keys, means))
+                running, accumulated = {}, 0
+                bad = [k for k, v in row.items() if not math.isfinite(v)]
+                if bad:
+                    kept = (f"the last good checkpoint (step {last_saved}) is kept at {ckpt_path}" if last_saved is not None
+                            else f"no checkpoint was written yet ({ckpt_path})")
+                    raise TrainingDiverged(
+                        f"{name}: non-finite {', '.join(bad)} by step {done} ({row}); {kept}. "
+                        "Lower the learning rate or check the data.")
+                row.update(step=done, lr=optimizer.param_groups[0]["lr"],
+                           wall_s=round(wall_before + time.perf_counter() - t0, 2))
+                if eval_fn is not None and eval_every and (done % eval_every == 0 or done == total_steps):
+                    model.eval()
+                    row.update(eval_fn(model, done))
+                    model.train()
+                history.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4g}")
+            if done % runtime.ckpt_every == 0 or done == end:
+                save(done)
+                last_saved = done
+        bar.close()
     result.history, result.wall_s = history, elapsed  # as recorded by the final checkpoint
     result.total_wall_s = wall_before + elapsed
     return result
