@@ -65,9 +65,9 @@ def vertex_spread(meshes: torch.Tensor, centre: bool = True) -> torch.Tensor:
     of the K samples of a vertex to their mean (each mesh centred on its vertex mean first unless
     ``centre`` is False). Computed in float64."""
     x = meshes.double()
+    if centre:
+        x = centre_on_vertex_mean(x)
     d = x - x[:1]  # offsets from the first sample: identical samples give exactly 0, not rounding noise
-    if centre:  # centring is linear, so centring the offsets equals offsetting the centred meshes, and
-        d = centre_on_vertex_mean(d)  # zero offsets stay exactly 0 (a mean per mesh would not)
     return (d - d.mean(dim=0, keepdim=True)).norm(dim=-1).mean(dim=0) * 1000.0
 
 
