@@ -161,6 +161,25 @@ def test_recon_loss_is_mean_vertex_distance(sphere):
     torch.testing.assert_close(out["loss"], out["recon_loss"] + out["vq_loss"])
 
 
+def test_reconstruct_without_quantisation_decodes_the_continuous_latent(sphere):
+    from vqhps.vqvae_training import reconstruct
+
+    torch.manual_seed(0)
+    model = _model(sphere).eval()
+    verts = _deformed(sphere[0], 5, torch.Generator().manual_seed(3))
+    z = model.encode_latent(verts)
+    quantised, ids = reconstruct(model, verts, batch_size=2)
+    continuous, ids_c = reconstruct(model, verts, batch_size=2, quantise=False)
+    torch.testing.assert_close(continuous, model.decode_latent(z))
+    torch.testing.assert_close(quantised, model.decode(model.encode(verts)))
+    assert torch.equal(ids, ids_c)
+    assert (quantised - continuous).abs().max() > 1e-4  # a random codebook is far from the latents
+    # with every latent in the codebook, quantising changes nothing
+    model.quantizer.set_codebook(torch.cat([z.reshape(-1, 9), torch.randn(512 - 5 * 54, 9) + 100.0]))
+    quantised, _ = reconstruct(model, verts, batch_size=2)
+    torch.testing.assert_close(quantised, continuous)
+
+
 def test_template_mismatch_is_refused(sphere):
     template, h = sphere
     with pytest.raises(ValueError, match="vertices"):

@@ -117,14 +117,19 @@ def load_mesh_vqvae(cfg, body, stage: str = "finetune", device: torch.device | s
 
 
 @torch.no_grad()
-def reconstruct(model: MeshVQVAE, meshes: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode and decode canonical meshes: (reconstructions (N,V,3), token ids (N,54))."""
+def reconstruct(model: MeshVQVAE, meshes: torch.Tensor, batch_size: int = 64,
+                quantise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode and decode canonical meshes: (reconstructions (N,V,3), token ids (N,54)).
+
+    ``quantise=False`` decodes each mesh's continuous latent instead of its nearest codes: what the
+    autoencoder gives without its codebook, so the difference of the two errors is the quantiser's."""
     device = model.template.device
     recons, ids = [], []
     for i in range(0, len(meshes), batch_size):
         x = meshes[i:i + batch_size].to(device)
-        tok = model.encode(x)
-        recons.append(model.decode(tok).float().cpu())
+        z = model.encode_latent(x)
+        tok = model.quantizer.nearest(z)
+        recons.append((model.decode(tok) if quantise else model.decode_latent(z)).float().cpu())
         ids.append(tok.cpu())
     return torch.cat(recons), torch.cat(ids)
 
