@@ -132,7 +132,7 @@ def test_public_api_shapes(sphere):
     assert meta["body_id"] == "test-sphere" and meta["hierarchy_hash"] == h.hash
     assert meta["config"]["codebook_size"] == 512
     assert meta["architecture"] == {"channels": (16, 32, 64), "latent_dim": 9, "codebook_size": 512,
-                                    "n_basis": 9, "residual_rate": 0.5}
+                                    "n_basis": 9, "residual_rate": 0.5, "bottleneck_layers": 1}
 
 
 def test_decode_latent_is_differentiable(sphere):
@@ -148,7 +148,12 @@ def test_straight_through_gradient_reaches_encoder(sphere):
     verts = _deformed(sphere[0], 4, torch.Generator().manual_seed(1))
     out = model(verts)
     out["recon_loss"].backward()  # no commitment term: only the straight-through path links encoder
+    # the bottleneck layer starts with zero coefficients, so its basis only learns once they move
+    idle = {n.rsplit(".", 1)[0] for n, p in model.encoder.named_parameters() if n.endswith("coeff") and not p.any()}
+    assert idle == {f"layers.{len(model.encoder.layers) - 1}"}
     for name, p in model.encoder.named_parameters():
+        if name.endswith(".basis") and name.rsplit(".", 1)[0] in idle:
+            continue
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
@@ -188,6 +193,39 @@ def test_template_mismatch_is_refused(sphere):
         MeshVQVAE(template, h, VQVAEConfig(channels=(16, 32)))
 
 
+def test_bottleneck_conv_starts_as_its_residual_then_reads_every_token():
+    from vqhps.vqvae import bottleneck_conv
+
+    torch.manual_seed(0)
+    conv = bottleneck_conv(6, 4, 4, n_basis=3, residual_rate=0.5)
+    with torch.no_grad():
+        conv.bias.copy_(torch.arange(4.0))
+    x = torch.randn(2, 6, 4)
+    # zero coefficients: ELU(sqrt(1 - r) * bias + sqrt(r) * x), every token on its own
+    expected = torch.nn.functional.elu(math.sqrt(0.5) * torch.arange(4.0) + math.sqrt(0.5) * x)
+    torch.testing.assert_close(conv(x), expected)
+    with torch.no_grad():
+        conv.coeff.normal_()
+    moved = x.clone()
+    moved[:, 0] += 1.0
+    changed = (conv(moved) - conv(x)).abs().amax(dim=(0, 2))
+    assert bool((changed > 1e-4).all()), changed  # one token reaches all six outputs
+
+
+def test_bottleneck_layers_add_all_to_all_convs_on_both_sides(sphere):
+    from vqhps.mesh.conv import MeshConv
+
+    authors, ours = _model(sphere, bottleneck_layers=0), _model(sphere, bottleneck_layers=2)
+    n_levels = sphere[1].n_levels
+    assert len(authors.encoder.layers) == len(authors.decoder.layers) == n_levels + 1
+    assert len(ours.encoder.layers) == len(ours.decoder.layers) == n_levels + 3
+    for layer in (*ours.encoder.layers[-2:], *ours.decoder.layers[:2]):
+        assert isinstance(layer, MeshConv) and tuple(layer.index.shape) == (54, 54)
+    verts = _deformed(sphere[0], 3, torch.Generator().manual_seed(1))
+    assert ours.encode_latent(verts).shape == authors.encode_latent(verts).shape == (3, 54, 9)
+    assert ours.decode(ours.encode(verts)).shape == verts.shape
+
+
 def test_training_reduces_loss(sphere, one_thread):
     torch.manual_seed(0)
     model = _model(sphere, ema_decay=0.9).train()
@@ -224,6 +262,9 @@ def test_checkpoint_round_trip_and_body_check(sphere, tmp_path):
     torch.testing.assert_close(fresh.decode(model.encode(verts)), model.decode(model.encode(verts)))
     with pytest.raises(CheckpointMismatch, match="body_id"):
         load_checkpoint(path, expect={"body_id": "another-body"})
+    other = _model(sphere, bottleneck_layers=model.cfg.bottleneck_layers + 1).checkpoint_meta()
+    with pytest.raises(CheckpointMismatch, match="architecture"):
+        load_checkpoint(path, expect={"architecture": other["architecture"]})
 
 
 @pytest.mark.parametrize("vqvae_amp, runtime_amp, tf32, expected_amp, expected_tf32",

@@ -21,7 +21,7 @@ from vqhps.mesh.hierarchy import MeshHierarchy
 
 
 #: config fields that define the weights (the rest only says how they were trained)
-ARCHITECTURE_FIELDS = ("channels", "latent_dim", "codebook_size", "n_basis", "residual_rate")
+ARCHITECTURE_FIELDS = ("channels", "latent_dim", "codebook_size", "n_basis", "residual_rate", "bottleneck_layers")
 
 
 # ------------------------------------------------------------------------- quantiser
@@ -159,18 +159,32 @@ def _perplexity(p: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------- encoder / decoder
+def bottleneck_conv(n_vertices: int, in_channels: int, out_channels: int, **kwargs) -> MeshConv:
+    """A convolution at the bottom level whose neighbourhood is every bottom vertex: each token reads
+    all the others, so information can move between body parts before (and after) quantisation."""
+    index = torch.arange(n_vertices).expand(n_vertices, n_vertices)
+    conv = MeshConv(index, torch.ones(n_vertices, n_vertices, dtype=torch.bool), in_channels, out_channels, **kwargs)
+    with torch.no_grad():  # starts as its residual path alone: random all-to-all mixing would scramble the tokens
+        conv.coeff.zero_()
+    return conv
+
+
 class MeshEncoder(nn.Module):
-    """3 -> channels[0] conv on the full mesh, then one pool per level down to ``latent_dim`` at the
-    bottom vertices; ELU after every layer, the latent included."""
+    """3 -> channels[0] conv on the full mesh, then one pool per level down to the bottom vertices,
+    then ``bottleneck_layers`` all-to-all convolutions there; the last layer outputs ``latent_dim``.
+    ELU after every layer, the latent included."""
 
     def __init__(self, hierarchy: MeshHierarchy, channels: tuple[int, ...], latent_dim: int, n_basis: int,
-                 residual_rate: float) -> None:
+                 residual_rate: float, bottleneck_layers: int = 0) -> None:
         super().__init__()
-        widths = list(channels) + [latent_dim]
+        widths = list(channels) + [channels[-1] if bottleneck_layers else latent_dim]
         kw = dict(n_basis=n_basis, residual_rate=residual_rate)
         self.layers = nn.ModuleList([MeshConv.at_level(hierarchy, 0, 3, widths[0], **kw)])
         for level in range(hierarchy.n_levels):
             self.layers.append(MeshPool.between(hierarchy, level, widths[level], widths[level + 1], **kw))
+        for i in range(bottleneck_layers):
+            out = latent_dim if i == bottleneck_layers - 1 else channels[-1]
+            self.layers.append(bottleneck_conv(hierarchy.sizes[-1], channels[-1], out, **kw))
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.layers:
@@ -179,18 +193,22 @@ class MeshEncoder(nn.Module):
 
 
 class MeshDecoder(nn.Module):
-    """Mirror of :class:`MeshEncoder`: one unpool per level up to the full mesh, then a conv to 3
-    channels without activation."""
+    """Mirror of :class:`MeshEncoder`: ``bottleneck_layers`` all-to-all convolutions at the bottom, one
+    unpool per level up to the full mesh, then a conv to 3 channels without activation."""
 
     def __init__(self, hierarchy: MeshHierarchy, channels: tuple[int, ...], latent_dim: int, n_basis: int,
-                 residual_rate: float) -> None:
+                 residual_rate: float, bottleneck_layers: int = 0) -> None:
         super().__init__()
-        widths = list(channels) + [latent_dim]
+        widths = list(channels) + [channels[-1] if bottleneck_layers else latent_dim]
         kw = dict(n_basis=n_basis, residual_rate=residual_rate)
         self.layers = nn.ModuleList([
+            bottleneck_conv(hierarchy.sizes[-1], latent_dim if i == 0 else channels[-1], channels[-1], **kw)
+            for i in range(bottleneck_layers)
+        ])
+        self.layers.extend(
             MeshUnpool.between(hierarchy, level, widths[level + 1], widths[level], **kw)
             for level in reversed(range(hierarchy.n_levels))
-        ])
+        )
         self.layers.append(MeshConv.at_level(hierarchy, 0, widths[0], 3, activation=False, **kw))
 
     def forward(self, z: Tensor) -> Tensor:
@@ -222,7 +240,7 @@ class MeshVQVAE(nn.Module):
         centred = template - template.mean(dim=0)
         self.register_buffer("template", centred)
         self.register_buffer("scale", centred.square().sum(1).mean().sqrt().clamp(min=1e-8))
-        args = (hierarchy, tuple(cfg.channels), cfg.latent_dim, cfg.n_basis, cfg.residual_rate)
+        args = (hierarchy, tuple(cfg.channels), cfg.latent_dim, cfg.n_basis, cfg.residual_rate, cfg.bottleneck_layers)
         self.encoder = MeshEncoder(*args)
         self.decoder = MeshDecoder(*args)
         self.quantizer = EMAQuantizer(cfg.codebook_size, cfg.latent_dim, cfg.ema_decay, cfg.commitment,
@@ -292,4 +310,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["EMAQuantizer", "MeshDecoder", "MeshEncoder", "MeshVQVAE", "Quantized", "count_parameters"]
+__all__ = ["EMAQuantizer", "MeshDecoder", "bottleneck_conv", "MeshEncoder", "MeshVQVAE", "Quantized", "count_parameters"]
