@@ -310,4 +310,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["EMAQuantizer", "MeshDecoder", "bottleneck_conv", "MeshEncoder", "MeshVQVAE", "Quantized", "count_parameters"]
+__all__ = ["EMAQuantizer", "MeshDecoder", "MeshEncoder", "MeshVQVAE", "Quantized", "bottleneck_conv", "count_parameters"]
