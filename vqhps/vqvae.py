@@ -169,6 +169,12 @@ def bottleneck_conv(n_vertices: int, in_channels: int, out_channels: int, **kwar
     return conv
 
 
+def level_widths(channels: tuple[int, ...], latent_dim: int, bottleneck_layers: int) -> list[int]:
+    """Channels at the full mesh and at each pooled level: the bottom level carries the latent itself,
+    or the last width when bottleneck layers map it to the latent there."""
+    return list(channels) + [channels[-1] if bottleneck_layers else latent_dim]
+
+
 class MeshEncoder(nn.Module):
     """3 -> channels[0] conv on the full mesh, then one pool per level down to the bottom vertices,
     then ``bottleneck_layers`` all-to-all convolutions there; the last layer outputs ``latent_dim``.
@@ -177,7 +183,7 @@ class MeshEncoder(nn.Module):
     def __init__(self, hierarchy: MeshHierarchy, channels: tuple[int, ...], latent_dim: int, n_basis: int,
                  residual_rate: float, bottleneck_layers: int = 0) -> None:
         super().__init__()
-        widths = list(channels) + [channels[-1] if bottleneck_layers else latent_dim]
+        widths = level_widths(channels, latent_dim, bottleneck_layers)
         kw = dict(n_basis=n_basis, residual_rate=residual_rate)
         self.layers = nn.ModuleList([MeshConv.at_level(hierarchy, 0, 3, widths[0], **kw)])
         for level in range(hierarchy.n_levels):
@@ -199,7 +205,7 @@ class MeshDecoder(nn.Module):
     def __init__(self, hierarchy: MeshHierarchy, channels: tuple[int, ...], latent_dim: int, n_basis: int,
                  residual_rate: float, bottleneck_layers: int = 0) -> None:
         super().__init__()
-        widths = list(channels) + [channels[-1] if bottleneck_layers else latent_dim]
+        widths = level_widths(channels, latent_dim, bottleneck_layers)
         kw = dict(n_basis=n_basis, residual_rate=residual_rate)
         self.layers = nn.ModuleList([
             bottleneck_conv(hierarchy.sizes[-1], latent_dim if i == 0 else channels[-1], channels[-1], **kw)
