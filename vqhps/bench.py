@@ -105,8 +105,10 @@ def bench_mesh_vqvae(cfg, body, device: torch.device, batch: int = 256, iters: i
 
 def _mesh_vqvae_train_steps(cfg, body, device: torch.device, iters: int, warmup: int) -> list[dict]:
     """The Mesh-VQ-VAE training step as ``train_stage`` runs it (encoder and decoder compiled per
-    cfg.runtime.compile, fused Adam on CUDA) in fp32, with TF32 matrix products, and in bf16."""
+    cfg.runtime.compile, fused Adam on CUDA) in fp32, with TF32 matrix products, and in bf16; where the
+    fused Triton kernels run, also through them (VQHPS_FUSED_TRAIN=1, eager) with fp32 and 3xTF32 products."""
     from vqhps.data.corpus import corpus_batch
+    from vqhps.mesh import fused
     from vqhps.vqvae_training import build_mesh_vqvae, compile_for
 
     torch.manual_seed(cfg.seed)
@@ -135,6 +137,26 @@ def _mesh_vqvae_train_steps(cfg, body, device: torch.device, iters: int, warmup:
             rows.append({"what": "mesh_vqvae_train_step", "precision": precision, "batch": train_batch,
                          "items_per_s": train_batch / sec, "ms_per_batch": 1000 * sec, "peak_mb": _peak_mb(device),
                          "compiled": compiled})
+    if device.type != "cuda" or not fused.available(x):
+        return rows
+    with environment({"VQHPS_FUSED_TRAIN": "1"}):
+        torch.manual_seed(cfg.seed)
+        model = compile_for(build_mesh_vqvae(cfg, body).to(device).train(), cfg, device)  # stays eager
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+
+        def fused_step():
+            loss = model(x)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for precision, dots in (("fp32", "ieee"), ("tf32x3", "tf32x3")):
+            torch.cuda.reset_peak_memory_stats(device)
+            with fused.dot_precision(dots):
+                sec = timed(fused_step, device, warmup=warmup, iters=iters)
+            rows.append({"what": "mesh_vqvae_train_step_fused", "precision": precision, "batch": train_batch,
+                         "items_per_s": train_batch / sec, "ms_per_batch": 1000 * sec, "peak_mb": _peak_mb(device),
+                         "compiled": False})
     return rows
 
 

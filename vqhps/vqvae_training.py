@@ -37,13 +37,15 @@ def compile_for(model: MeshVQVAE, cfg, device: torch.device, inference: bool = F
     """Per cfg.runtime.compile, on CUDA: compile the encoder and decoder in place (the quantiser's
     data-dependent codebook updates stay eager; state-dict keys are unchanged). A frozen model
     (``inference``) stays eager where the fused Triton convolution serves it (vqhps.mesh.fused): it
-    reads neighbours in place, which the compiled gather + matmul cannot."""
+    reads neighbours in place, which the compiled gather + matmul cannot; so does training under
+    VQHPS_FUSED_TRAIN=1, whose backward is fused too."""
     from .mesh import fused
 
     device = torch.device(device)
     if not (cfg.runtime.compile and device.type == "cuda"):
         return model
-    if inference and fused.available(torch.empty(0, device=device)):
+    probe = torch.empty(0, device=device)
+    if (fused.available(probe) if inference else fused.training_enabled(probe)):
         return model
     model.encoder.compile(mode=cfg.runtime.compile_mode)
     model.decoder.compile(mode=cfg.runtime.compile_mode)

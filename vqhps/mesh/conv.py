@@ -15,7 +15,8 @@ input is gathered once into (B, N_out, K * C_in), and one batched matmul over ve
 residual gather are materialised, which is what bounds the speed of this layer; no loop over vertices.
 Without autograd, fp32 inputs on CUDA take a fused Triton kernel (:mod:`vqhps.mesh.fused`) that reads
 neighbours in place instead of materialising the gather, with the same-level residual folded in as one
-more neighbour (the vertex itself); ``VQHPS_FUSED_CONV=0`` turns it off.
+more neighbour (the vertex itself); ``VQHPS_FUSED_CONV=0`` turns it off. ``VQHPS_FUSED_TRAIN=1`` trains
+through fused kernels too (forward and backward, :func:`vqhps.mesh.fused.fused_varying_conv_train`).
 """
 from __future__ import annotations
 
@@ -109,26 +110,59 @@ class VaryingConv(nn.Module):
         cached = self.__dict__.get("_fused_cache")
         if key is not None and cached is not None and cached[0] == key:
             return cached[1]
-        w = self.kernels()
-        index = self.index
-        if self.residual_rate > 0 and self.res_weight is None:
-            n_out = self.n_out
-            mix = (self.channel_map.weight.t() if self.channel_map is not None
-                   else torch.eye(self.in_channels, device=w.device, dtype=w.dtype))
-            self_w = (math.sqrt(self.residual_rate) * mix).to(w.dtype).expand(n_out, -1, -1)
-            w = torch.cat((w, self_w), dim=1)
-            index = torch.cat((index, torch.arange(n_out, device=index.device).unsqueeze(1)), dim=1)
-        operands = (index.contiguous(), w.detach().contiguous())
+        operands = (self._fused_index().contiguous(), self._fused_kernels(self.kernels()).detach().contiguous())
         if key is not None:
             self.__dict__["_fused_cache"] = (key, operands)
         return operands
 
+    @property
+    def _self_neighbour(self) -> bool:
+        """Whether the fused kernels read the vertex itself as one more neighbour: the same-level residual."""
+        return self.residual_rate > 0 and self.res_weight is None
+
+    def _fused_index(self) -> Tensor:
+        """The neighbour index of the fused kernels, (N_out, K + 1) with the vertex itself appended where
+        :attr:`_self_neighbour`."""
+        if not self._self_neighbour:
+            return self.index
+        return torch.cat((self.index, torch.arange(self.n_out, device=self.index.device).unsqueeze(1)), dim=1)
+
+    def _fused_kernels(self, w: Tensor) -> Tensor:
+        """Kernels (N_out, K * C_in, C_out) extended to :meth:`_fused_index`: the vertex's own kernel is
+        sqrt(r) times the channel map (or the identity)."""
+        if not self._self_neighbour:
+            return w
+        mix = (self.channel_map.weight.t() if self.channel_map is not None
+               else torch.eye(self.in_channels, device=w.device, dtype=w.dtype))
+        self_w = (math.sqrt(self.residual_rate) * mix).to(w.dtype).expand(self.n_out, -1, -1)
+        return torch.cat((w, self_w), dim=1)
+
+    def _reverse_graph(self, n_in: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(fused index, reverse table, counts) for training through the fused kernels, kept per input size
+        and device; padded neighbours (zero kernels) are left out of the reverse graph."""
+        key = (n_in, self.index.device)
+        cached = self.__dict__.get("_reverse_cache")
+        if cached is None or cached[0] != key:
+            index, mask = self._fused_index().contiguous(), self.mask.bool()
+            if self._self_neighbour:
+                mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+            cached = (key, (index, *fused.reverse_graph(index, mask, n_in)))
+            self.__dict__["_reverse_cache"] = cached
+        return cached[1]
+
+    def _use_fused_training(self, x: Tensor) -> bool:
+        """Fused training (VQHPS_FUSED_TRAIN=1): fp32, under autograd, not while compiling."""
+        return (x.dtype == torch.float32 and self.basis.dtype == torch.float32 and torch.is_grad_enabled()
+                and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
+                and fused.training_enabled(x))
+
     def _use_fused(self, x: Tensor) -> bool:
         """The fused kernel serves fp32 inference: where the kernel caches apply (no autograd, not
-        compiling), no autocast, Triton there."""
+        compiling) and no gradient must reach the input (soft decoding through a frozen decoder needs
+        one), no autocast, Triton there."""
         return (x.dtype == torch.float32 and self.basis.dtype == torch.float32
                 and not torch.is_autocast_enabled(x.device.type) and self._cache_key() is not None
-                and fused.available(x))
+                and not (torch.is_grad_enabled() and x.requires_grad) and fused.available(x))
 
     def _compute_kernels(self) -> Tensor:
         n_out, k = self.index.shape
@@ -153,6 +187,11 @@ class VaryingConv(nn.Module):
             index, w = self.fused_operands()
             bias = self.bias * math.sqrt(1.0 - self.residual_rate)
             return fused.fused_varying_conv(x, index, w, bias, self.activation)
+        if self._use_fused_training(x):
+            index, reverse, counts = self._reverse_graph(x.shape[1])
+            w = self._fused_kernels(self.kernels())
+            bias = self.bias * math.sqrt(1.0 - self.residual_rate)
+            return fused.fused_varying_conv_train(x, index, reverse, counts, w, bias, self.activation)
         b, _, c_in = x.shape
         n_out, k = self.index.shape
         gathered = x.index_select(1, self.index.reshape(-1)).view(b, n_out, k * c_in)

@@ -7,19 +7,29 @@ neighbour's rows straight from ``x`` (any strides) and accumulates ``x_tile @ W[
 adds the bias and applies ELU: the gathered tensor never exists. Neighbouring vertices run
 concurrently and read the same input rows, which therefore come from L2.
 
+Training (``VQHPS_FUSED_TRAIN=1``) runs the same forward inside an autograd function whose backward
+is two more kernels of the same shape: the input gradient, one program per input vertex summing
+``g[v] @ W[v, k]^T`` over the (v, k) that read it (the reverse graph), and the kernel gradient, one
+program per (vertex, neighbour) summing ``x[nbr]^T @ g[v]`` over the batch. Neither the gathered
+input nor its gradient is materialised.
+
 Triton is imported lazily: the package imports where it is missing, and ``TRITON_INTERPRET=1`` (read
 by Triton when a kernel is defined) runs the kernel on CPU tensors, which is how the CPU tests run it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from typing import Iterator
 
 import torch
 from torch import Tensor
 
-# full fp32 products, so the fused path matches the fp32 reference (torch's default disallows TF32)
+# full fp32 products, so the fused path matches the fp32 reference (torch's default disallows TF32);
+# dot_precision() switches it for a block
 INPUT_PRECISION = "ieee"
+PRECISIONS = ("ieee", "tf32x3", "tf32")
 BLOCK_B = 64  # batch rows per tile; tl.dot needs every block dimension >= 16
 
 
@@ -68,6 +78,80 @@ def _triton_kernel():
     return kernel
 
 
+@functools.cache
+def _triton_backward_kernels():
+    """(input-gradient kernel, kernel-gradient kernel), or None where Triton does not import."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def input_grad(g_ptr, rev_ptr, cnt_ptr, w_ptr, dx_ptr, B, C_IN, C_OUT, K, D,
+                   PRECISION: tl.constexpr, BLOCK: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr):
+        # dx[u] = sum over the (v, k) reading u of g[v] @ W[v, k]^T; rev holds v * K + k, valid entries first
+        u = tl.program_id(0).to(tl.int64)
+        offs_b = tl.arange(0, BLOCK)
+        ci = tl.arange(0, BLOCK_CI)
+        co = tl.arange(0, BLOCK_CO)
+        ci_ok, co_ok = ci < C_IN, co < C_OUT
+        wt_mask = co_ok[:, None] & ci_ok[None, :]
+        n = tl.load(cnt_ptr + u)
+        for b0 in range(0, B, BLOCK):
+            rows = (b0 + offs_b).to(tl.int64)
+            b_ok = rows < B
+            acc = tl.zeros((BLOCK, BLOCK_CI), dtype=tl.float32)
+            for j in range(n):
+                vk = tl.load(rev_ptr + u * D + j).to(tl.int64)
+                v = vk // K
+                gt = tl.load(g_ptr + v * B * C_OUT + rows[:, None] * C_OUT + co[None, :],
+                             mask=b_ok[:, None] & co_ok[None, :], other=0.0)
+                wt = tl.load(w_ptr + vk * C_IN * C_OUT + ci[None, :] * C_OUT + co[:, None], mask=wt_mask, other=0.0)
+                acc = tl.dot(gt, wt, acc, input_precision=PRECISION)
+            tl.store(dx_ptr + u * B * C_IN + rows[:, None] * C_IN + ci[None, :], acc,
+                     mask=b_ok[:, None] & ci_ok[None, :])
+
+    @triton.jit
+    def kernel_grad(x_ptr, idx_ptr, g_ptr, dw_ptr, B, C_IN, C_OUT, K, sxb, sxn, sxc,
+                    PRECISION: tl.constexpr, BLOCK: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr):
+        # dW[v, k] = sum over the batch of x[:, index[v, k]]^T @ g[v]
+        v = tl.program_id(0).to(tl.int64)
+        k = tl.program_id(1).to(tl.int64)
+        offs_b = tl.arange(0, BLOCK)
+        ci = tl.arange(0, BLOCK_CI)
+        co = tl.arange(0, BLOCK_CO)
+        ci_ok, co_ok = ci < C_IN, co < C_OUT
+        u = tl.load(idx_ptr + v * K + k).to(tl.int64)
+        acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+        for b0 in range(0, B, BLOCK):
+            rows = (b0 + offs_b).to(tl.int64)
+            b_ok = rows < B
+            xt = tl.load(x_ptr + u * sxn + rows[None, :] * sxb + ci[:, None] * sxc,
+                         mask=ci_ok[:, None] & b_ok[None, :], other=0.0)
+            gt = tl.load(g_ptr + v * B * C_OUT + rows[:, None] * C_OUT + co[None, :],
+                         mask=b_ok[:, None] & co_ok[None, :], other=0.0)
+            acc = tl.dot(xt, gt, acc, input_precision=PRECISION)
+        tl.store(dw_ptr + (v * K + k) * C_IN * C_OUT + ci[:, None] * C_OUT + co[None, :], acc,
+                 mask=ci_ok[:, None] & co_ok[None, :])
+
+    return input_grad, kernel_grad
+
+
+@contextlib.contextmanager
+def dot_precision(precision: str) -> Iterator[None]:
+    """Run the fused kernels' products at ``precision`` for a block: "ieee" (fp32 FMA, the default),
+    "tf32x3" (three TF32 tensor-core products, close to fp32) or "tf32"."""
+    global INPUT_PRECISION
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown fused-kernel precision {precision!r}; choose one of {PRECISIONS}")
+    saved, INPUT_PRECISION = INPUT_PRECISION, precision
+    try:
+        yield
+    finally:
+        INPUT_PRECISION = saved
+
+
 def available(x: Tensor) -> bool:
     """Whether ``x`` may take the fused path: Triton imports, VQHPS_FUSED_CONV is not "0" (read at
     call time) and ``x`` is on CUDA, or Triton's interpreter is on (then CPU tensors run too)."""
@@ -106,3 +190,69 @@ def fused_varying_conv(x: Tensor, index: Tensor, kernels: Tensor, bias: Tensor, 
         BLOCK=BLOCK_B, BLOCK_CI=block_ci, BLOCK_CO=block_co,
         num_warps=8 if block_ci * block_co >= 4096 else 4)
     return out.transpose(0, 1)
+
+
+def training_enabled(x: Tensor) -> bool:
+    """Whether training convolutions on ``x`` take the fused autograd path: VQHPS_FUSED_TRAIN is "1"
+    (read at call time) and the fused kernels are available for ``x``."""
+    return os.environ.get("VQHPS_FUSED_TRAIN", "0") == "1" and available(x)
+
+
+def reverse_graph(index: Tensor, mask: Tensor, n_in: int) -> tuple[Tensor, Tensor]:
+    """For each input vertex u, the flat positions ``v * K + k`` of the real entries ``index[v, k] == u``:
+    (N_in, D) long, padded with 0 after the first ``counts[u]`` entries, and counts (N_in,) int32."""
+    n_out, k = index.shape
+    flat = torch.arange(n_out * k, device=index.device)[mask.reshape(-1).bool()]
+    src = index.reshape(-1)[flat]
+    order = torch.argsort(src, stable=True)
+    src, flat = src[order], flat[order]
+    counts = torch.bincount(src, minlength=n_in)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(src), device=index.device) - starts[src]
+    table = torch.zeros(n_in, max(int(counts.max()) if len(src) else 0, 1), dtype=torch.long, device=index.device)
+    table[src, slot] = flat
+    return table.contiguous(), counts.to(torch.int32).contiguous()
+
+
+class _FusedConvFunction(torch.autograd.Function):
+    """Fused forward, and a backward through the reverse graph (input) and per (vertex, neighbour) (kernels)."""
+
+    @staticmethod
+    def forward(ctx, x, kernels, bias, index, reverse, counts, elu):
+        y = fused_varying_conv(x, index, kernels.detach(), bias.detach(), elu)
+        ctx.save_for_backward(x, kernels, y, index, reverse, counts)
+        ctx.elu = elu
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, kernels, y, index, reverse, counts = ctx.saved_tensors
+        g = torch.where(y > 0, gy, gy * (y + 1.0)) if ctx.elu else gy  # ELU' from its output: 1, or e^a = y + 1
+        g = g.transpose(0, 1).contiguous()  # (N_out, B, C_out)
+        n_out, b, c_out = g.shape
+        c_in, k = x.shape[2], index.shape[1]
+        input_grad, kernel_grad = _triton_backward_kernels()
+        block_ci, block_co = _block(c_in), _block(c_out)
+        warps = 8 if block_ci * block_co >= 4096 else 4
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            n_in = x.shape[1]
+            dx = torch.empty(n_in, b, c_in, device=g.device, dtype=torch.float32)
+            input_grad[(n_in,)](g, reverse, counts, kernels, dx, b, c_in, c_out, k, reverse.shape[1],
+                                PRECISION=INPUT_PRECISION, BLOCK=BLOCK_B, BLOCK_CI=block_ci, BLOCK_CO=block_co,
+                                num_warps=warps)
+            dx = dx.transpose(0, 1)
+        if ctx.needs_input_grad[1]:
+            dw = torch.empty_like(kernels)
+            kernel_grad[(n_out, k)](x, index, g, dw, b, c_in, c_out, k, x.stride(0), x.stride(1), x.stride(2),
+                                    PRECISION=INPUT_PRECISION, BLOCK=BLOCK_B, BLOCK_CI=block_ci, BLOCK_CO=block_co,
+                                    num_warps=warps)
+        dbias = g.sum(dim=(0, 1)) if ctx.needs_input_grad[2] else None
+        return dx, dw, dbias, None, None, None, None
+
+
+def fused_varying_conv_train(x: Tensor, index: Tensor, reverse: Tensor, counts: Tensor, kernels: Tensor,
+                             bias: Tensor, elu: bool) -> Tensor:
+    """:func:`fused_varying_conv` with gradients for ``x``, ``kernels`` and ``bias``; ``reverse`` and
+    ``counts`` come from :func:`reverse_graph` of ``index``."""
+    return _FusedConvFunction.apply(x, kernels.contiguous(), bias, index.contiguous(), reverse, counts, bool(elu))
