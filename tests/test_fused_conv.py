@@ -19,18 +19,25 @@ pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CHILD = r'''
+
+def _counting(name: str) -> str:
+    """Child-script prelude: ``calls`` grows by one at every call of ``vqhps.mesh.fused.<name>``."""
+    return f'''
 import os
 import torch
 import vqhps.mesh.fused as fused
 from vqhps.mesh.conv import VaryingConv
 
 calls = []
-_orig = fused.fused_varying_conv
+_orig = fused.{name}
 def _counting(*args, **kwargs):
     calls.append(1)
     return _orig(*args, **kwargs)
-fused.fused_varying_conv = _counting
+fused.{name} = _counting
+'''
+
+
+CHILD = _counting("fused_varying_conv") + r'''
 
 def reference(layer, x):
     os.environ["VQHPS_FUSED_CONV"] = "0"
@@ -106,22 +113,11 @@ print("OK", n_checked, len(calls))
 '''
 
 
-TRAIN_CHILD = r'''
-import os
-import torch
+TRAIN_CHILD = _counting("fused_varying_conv_train") + r'''
 import trimesh
-import vqhps.mesh.fused as fused
 from vqhps.config import VQVAEConfig
-from vqhps.mesh.conv import VaryingConv
 from vqhps.mesh.hierarchy import build_hierarchy
 from vqhps.vqvae import MeshVQVAE
-
-calls = []
-_orig = fused.fused_varying_conv_train
-def _counting(*args, **kwargs):
-    calls.append(1)
-    return _orig(*args, **kwargs)
-fused.fused_varying_conv_train = _counting
 
 def grads(module, x, train):
     """Output and the gradients of a fixed random projection of it w.r.t. x and every parameter."""

@@ -13,8 +13,9 @@ is two more kernels of the same shape: the input gradient, one program per input
 program per (vertex, neighbour) summing ``x[nbr]^T @ g[v]`` over the batch. Neither the gathered
 input nor its gradient is materialised.
 
-Triton is imported lazily: the package imports where it is missing, and ``TRITON_INTERPRET=1`` (read
-by Triton when a kernel is defined) runs the kernel on CPU tensors, which is how the CPU tests run it.
+Triton is imported lazily (the kernels live in :mod:`vqhps.mesh.fused_kernels`): the package imports
+where it is missing, and ``TRITON_INTERPRET=1`` (read by Triton when a kernel is defined) runs the
+kernels on CPU tensors, which is how the CPU tests run them.
 """
 from __future__ import annotations
 
@@ -39,103 +40,14 @@ def _interpreting() -> bool:
 
 
 @functools.cache
-def _triton_kernel():
-    """The jitted kernel, or None where Triton does not import (defined on first use, see module doc)."""
+def _kernels():
+    """The module of jitted kernels (:mod:`vqhps.mesh.fused_kernels`), or None where Triton does not
+    import (imported on first use, see module doc)."""
     try:
-        import triton
-        import triton.language as tl
+        from vqhps.mesh import fused_kernels
     except ImportError:
         return None
-
-    @triton.jit
-    def kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, B, C_IN, C_OUT, K,
-               sxb, sxn, sxc, ELU: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr):
-        v = tl.program_id(0).to(tl.int64)
-        offs_b = tl.arange(0, BLOCK)
-        ci = tl.arange(0, BLOCK_CI)
-        co = tl.arange(0, BLOCK_CO)
-        ci_ok, co_ok = ci < C_IN, co < C_OUT
-        w_mask = ci_ok[:, None] & co_ok[None, :]
-        bias = tl.load(bias_ptr + co, mask=co_ok, other=0.0)
-        w_base = w_ptr + v * K * C_IN * C_OUT
-        for b0 in range(0, B, BLOCK):
-            rows = (b0 + offs_b).to(tl.int64)
-            b_ok = rows < B
-            acc = tl.zeros((BLOCK, BLOCK_CO), dtype=tl.float32)
-            for k in range(K):
-                u = tl.load(idx_ptr + v * K + k).to(tl.int64)
-                xt = tl.load(x_ptr + u * sxn + rows[:, None] * sxb + ci[None, :] * sxc,
-                             mask=b_ok[:, None] & ci_ok[None, :], other=0.0)
-                w = tl.load(w_base + (k * C_IN + ci[:, None]) * C_OUT + co[None, :], mask=w_mask, other=0.0)
-                acc = tl.dot(xt, w, acc, input_precision=PRECISION)
-            acc = acc + bias[None, :]
-            if ELU:
-                acc = tl.where(acc > 0, acc, tl.exp(tl.minimum(acc, 0.0)) - 1.0)
-            tl.store(out_ptr + v * B * C_OUT + rows[:, None] * C_OUT + co[None, :], acc,
-                     mask=b_ok[:, None] & co_ok[None, :])
-
-    return kernel
-
-
-@functools.cache
-def _triton_backward_kernels():
-    """(input-gradient kernel, kernel-gradient kernel), or None where Triton does not import."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
-    @triton.jit
-    def input_grad(g_ptr, rev_ptr, cnt_ptr, w_ptr, dx_ptr, B, C_IN, C_OUT, K, D,
-                   PRECISION: tl.constexpr, BLOCK: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr):
-        # dx[u] = sum over the (v, k) reading u of g[v] @ W[v, k]^T; rev holds v * K + k, valid entries first
-        u = tl.program_id(0).to(tl.int64)
-        offs_b = tl.arange(0, BLOCK)
-        ci = tl.arange(0, BLOCK_CI)
-        co = tl.arange(0, BLOCK_CO)
-        ci_ok, co_ok = ci < C_IN, co < C_OUT
-        wt_mask = co_ok[:, None] & ci_ok[None, :]
-        n = tl.load(cnt_ptr + u)
-        for b0 in range(0, B, BLOCK):
-            rows = (b0 + offs_b).to(tl.int64)
-            b_ok = rows < B
-            acc = tl.zeros((BLOCK, BLOCK_CI), dtype=tl.float32)
-            for j in range(n):
-                vk = tl.load(rev_ptr + u * D + j).to(tl.int64)
-                v = vk // K
-                gt = tl.load(g_ptr + v * B * C_OUT + rows[:, None] * C_OUT + co[None, :],
-                             mask=b_ok[:, None] & co_ok[None, :], other=0.0)
-                wt = tl.load(w_ptr + vk * C_IN * C_OUT + ci[None, :] * C_OUT + co[:, None], mask=wt_mask, other=0.0)
-                acc = tl.dot(gt, wt, acc, input_precision=PRECISION)
-            tl.store(dx_ptr + u * B * C_IN + rows[:, None] * C_IN + ci[None, :], acc,
-                     mask=b_ok[:, None] & ci_ok[None, :])
-
-    @triton.jit
-    def kernel_grad(x_ptr, idx_ptr, g_ptr, dw_ptr, B, C_IN, C_OUT, K, sxb, sxn, sxc,
-                    PRECISION: tl.constexpr, BLOCK: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr):
-        # dW[v, k] = sum over the batch of x[:, index[v, k]]^T @ g[v]
-        v = tl.program_id(0).to(tl.int64)
-        k = tl.program_id(1).to(tl.int64)
-        offs_b = tl.arange(0, BLOCK)
-        ci = tl.arange(0, BLOCK_CI)
-        co = tl.arange(0, BLOCK_CO)
-        ci_ok, co_ok = ci < C_IN, co < C_OUT
-        u = tl.load(idx_ptr + v * K + k).to(tl.int64)
-        acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
-        for b0 in range(0, B, BLOCK):
-            rows = (b0 + offs_b).to(tl.int64)
-            b_ok = rows < B
-            xt = tl.load(x_ptr + u * sxn + rows[None, :] * sxb + ci[:, None] * sxc,
-                         mask=ci_ok[:, None] & b_ok[None, :], other=0.0)
-            gt = tl.load(g_ptr + v * B * C_OUT + rows[:, None] * C_OUT + co[None, :],
-                         mask=b_ok[:, None] & co_ok[None, :], other=0.0)
-            acc = tl.dot(xt, gt, acc, input_precision=PRECISION)
-        tl.store(dw_ptr + (v * K + k) * C_IN * C_OUT + ci[:, None] * C_OUT + co[None, :], acc,
-                 mask=ci_ok[:, None] & co_ok[None, :])
-
-    return input_grad, kernel_grad
+    return fused_kernels
 
 
 @contextlib.contextmanager
@@ -159,7 +71,7 @@ def available(x: Tensor) -> bool:
         return False
     if not (x.is_cuda or _interpreting()):
         return False
-    return _triton_kernel() is not None
+    return _kernels() is not None
 
 
 def _block(n: int) -> int:
@@ -184,7 +96,7 @@ def fused_varying_conv(x: Tensor, index: Tensor, kernels: Tensor, bias: Tensor, 
     if b == 0 or n_out == 0:
         return out.transpose(0, 1)
     block_ci, block_co = _block(c_in), _block(c_out)
-    _triton_kernel()[(n_out,)](
+    _kernels().forward[(n_out,)](
         x, index.contiguous(), kernels.contiguous(), bias.contiguous(), out, b, c_in, c_out, k,
         x.stride(0), x.stride(1), x.stride(2), ELU=bool(elu), PRECISION=INPUT_PRECISION,
         BLOCK=BLOCK_B, BLOCK_CI=block_ci, BLOCK_CO=block_co,
@@ -231,22 +143,22 @@ class _FusedConvFunction(torch.autograd.Function):
         g = g.transpose(0, 1).contiguous()  # (N_out, B, C_out)
         n_out, b, c_out = g.shape
         c_in, k = x.shape[2], index.shape[1]
-        input_grad, kernel_grad = _triton_backward_kernels()
+        jit = _kernels()
         block_ci, block_co = _block(c_in), _block(c_out)
         warps = 8 if block_ci * block_co >= 4096 else 4
         dx = dw = None
         if ctx.needs_input_grad[0]:
             n_in = x.shape[1]
             dx = torch.empty(n_in, b, c_in, device=g.device, dtype=torch.float32)
-            input_grad[(n_in,)](g, reverse, counts, kernels, dx, b, c_in, c_out, k, reverse.shape[1],
-                                PRECISION=INPUT_PRECISION, BLOCK=BLOCK_B, BLOCK_CI=block_ci, BLOCK_CO=block_co,
-                                num_warps=warps)
+            jit.input_grad[(n_in,)](g, reverse, counts, kernels, dx, b, c_in, c_out, k, reverse.shape[1],
+                                    PRECISION=INPUT_PRECISION, BLOCK=BLOCK_B, BLOCK_CI=block_ci, BLOCK_CO=block_co,
+                                    num_warps=warps)
             dx = dx.transpose(0, 1)
         if ctx.needs_input_grad[1]:
             dw = torch.empty_like(kernels)
-            kernel_grad[(n_out, k)](x, index, g, dw, b, c_in, c_out, k, x.stride(0), x.stride(1), x.stride(2),
-                                    PRECISION=INPUT_PRECISION, BLOCK=BLOCK_B, BLOCK_CI=block_ci, BLOCK_CO=block_co,
-                                    num_warps=warps)
+            jit.kernel_grad[(n_out, k)](x, index, g, dw, b, c_in, c_out, k, x.stride(0), x.stride(1), x.stride(2),
+                                        PRECISION=INPUT_PRECISION, BLOCK=BLOCK_B, BLOCK_CI=block_ci,
+                                        BLOCK_CO=block_co, num_warps=warps)
         dbias = g.sum(dim=(0, 1)) if ctx.needs_input_grad[2] else None
         return dx, dw, dbias, None, None, None, None
 
