@@ -79,6 +79,12 @@ def _block(n: int) -> int:
     return max(16, 1 << (max(n, 1) - 1).bit_length())
 
 
+def _launch_shape(c_in: int, c_out: int) -> tuple[int, int, int]:
+    """(BLOCK_CI, BLOCK_CO, num_warps) of every fused kernel for these channel counts."""
+    block_ci, block_co = _block(c_in), _block(c_out)
+    return block_ci, block_co, 8 if block_ci * block_co >= 4096 else 4
+
+
 def fused_varying_conv(x: Tensor, index: Tensor, kernels: Tensor, bias: Tensor, elu: bool) -> Tensor:
     """out[b, v] = sum_k x[b, index[v, k]] @ kernels[v, k*C_in:(k+1)*C_in] + bias, then ELU if ``elu``.
 
@@ -95,12 +101,11 @@ def fused_varying_conv(x: Tensor, index: Tensor, kernels: Tensor, bias: Tensor, 
     out = torch.empty(n_out, b, c_out, device=x.device, dtype=torch.float32)
     if b == 0 or n_out == 0:
         return out.transpose(0, 1)
-    block_ci, block_co = _block(c_in), _block(c_out)
+    block_ci, block_co, warps = _launch_shape(c_in, c_out)
     _kernels().forward[(n_out,)](
         x, index.contiguous(), kernels.contiguous(), bias.contiguous(), out, b, c_in, c_out, k,
         x.stride(0), x.stride(1), x.stride(2), ELU=bool(elu), PRECISION=INPUT_PRECISION,
-        BLOCK=BLOCK_B, BLOCK_CI=block_ci, BLOCK_CO=block_co,
-        num_warps=8 if block_ci * block_co >= 4096 else 4)
+        BLOCK=BLOCK_B, BLOCK_CI=block_ci, BLOCK_CO=block_co, num_warps=warps)
     return out.transpose(0, 1)
 
 
@@ -131,7 +136,7 @@ class _FusedConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, kernels, bias, index, reverse, counts, elu):
-        y = fused_varying_conv(x, index, kernels.detach(), bias.detach(), elu)
+        y = fused_varying_conv(x, index, kernels, bias, elu)
         ctx.save_for_backward(x, kernels, y, index, reverse, counts)
         ctx.elu = elu
         return y
@@ -144,8 +149,7 @@ class _FusedConvFunction(torch.autograd.Function):
         n_out, b, c_out = g.shape
         c_in, k = x.shape[2], index.shape[1]
         jit = _kernels()
-        block_ci, block_co = _block(c_in), _block(c_out)
-        warps = 8 if block_ci * block_co >= 4096 else 4
+        block_ci, block_co, warps = _launch_shape(c_in, c_out)
         dx = dw = None
         if ctx.needs_input_grad[0]:
             n_in = x.shape[1]
