@@ -132,7 +132,8 @@ def test_public_api_shapes(sphere):
     assert meta["body_id"] == "test-sphere" and meta["hierarchy_hash"] == h.hash
     assert meta["config"]["codebook_size"] == 512
     assert meta["architecture"] == {"channels": (16, 32, 64), "latent_dim": 9, "codebook_size": 512,
-                                    "n_basis": 9, "residual_rate": 0.5, "bottleneck_layers": 1}
+                                    "n_basis": 9, "residual_rate": 0.5, "bottleneck_layers": 1,
+                                    "linear_readout": False}
 
 
 def test_decode_latent_is_differentiable(sphere):
@@ -226,9 +227,32 @@ def test_bottleneck_layers_add_all_to_all_convs_on_both_sides(sphere):
     assert ours.decode(ours.encode(verts)).shape == verts.shape
 
 
-def test_training_reduces_loss(sphere, one_thread):
+def test_linear_readout_starts_silent_then_adds_a_global_linear_map(sphere):
     torch.manual_seed(0)
-    model = _model(sphere, ema_decay=0.9).train()
+    plain, with_readout = _model(sphere), _model(sphere, linear_readout=True)
+    missing, unexpected = with_readout.load_state_dict(plain.state_dict(), strict=False)
+    assert set(missing) == {"decoder.readout.weight", "decoder.readout.bias"} and not unexpected
+    z = torch.randn(2, 54, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(with_readout.decode_latent(z), plain.decode_latent(z))  # zero-initialised
+        readout = with_readout.decoder.readout
+        readout.weight.normal_()
+        readout.bias.normal_()
+        added = with_readout.decoder(z) - plain.decoder(z)
+        # by hand: offset of vertex v, axis a = bias[3v + a] + sum over latent values of weight[3v + a, :] * z
+        expected = (z.reshape(2, -1) @ readout.weight.t() + readout.bias).reshape(2, -1, 3)
+        torch.testing.assert_close(added, expected, rtol=1e-4, atol=1e-4)
+        # one token reaches vertices the convolutions alone do not: every vertex moves
+        moved = z.clone()
+        moved[:, 0] += 1.0
+        change = torch.linalg.vector_norm(with_readout.decoder(moved) - with_readout.decoder(z), dim=-1)
+    assert bool((change > 0).all())
+
+
+@pytest.mark.parametrize("linear_readout", [False, True])
+def test_training_reduces_loss(sphere, one_thread, linear_readout):
+    torch.manual_seed(0)
+    model = _model(sphere, ema_decay=0.9, linear_readout=linear_readout).train()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(0)
     losses, perplexities = [], []
@@ -262,9 +286,10 @@ def test_checkpoint_round_trip_and_body_check(sphere, tmp_path):
     torch.testing.assert_close(fresh.decode(model.encode(verts)), model.decode(model.encode(verts)))
     with pytest.raises(CheckpointMismatch, match="body_id"):
         load_checkpoint(path, expect={"body_id": "another-body"})
-    other = _model(sphere, bottleneck_layers=model.cfg.bottleneck_layers + 1).checkpoint_meta()
-    with pytest.raises(CheckpointMismatch, match="architecture"):
-        load_checkpoint(path, expect={"architecture": other["architecture"]})
+    for change in ({"bottleneck_layers": model.cfg.bottleneck_layers + 1}, {"linear_readout": True}):
+        other = _model(sphere, **change).checkpoint_meta()
+        with pytest.raises(CheckpointMismatch, match="architecture"):
+            load_checkpoint(path, expect={"architecture": other["architecture"]})
 
 
 @pytest.mark.parametrize("vqvae_amp, runtime_amp, tf32, expected_amp, expected_tf32",
@@ -293,3 +318,23 @@ def test_mesh_vqvae_training_precision_follows_its_switches(monkeypatch, tmp_pat
     assert seen == {"amp": expected_amp, "tf32": expected_tf32} and cfg.runtime.amp is runtime_amp
     assert torch.backends.cuda.matmul.allow_tf32 is before
     assert load_config("full").vqvae.amp is False and load_config("full").vqvae.tf32 is False
+
+
+def test_linear_reconstruction_errors_vanish_at_the_data_rank_and_match_a_hand_projection():
+    from vqhps.vqvae_training import linear_reconstruction_errors
+
+    gen = torch.Generator().manual_seed(0)
+    # meshes of 5 vertices that vary along two fixed directions only
+    mean = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    directions = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
+
+    def meshes(n):
+        return mean + torch.einsum("nk,kvc->nvc", torch.randn(n, 2, generator=gen, dtype=torch.float64), directions)
+
+    train, test = meshes(50), meshes(7)
+    errors = linear_reconstruction_errors(train, test, ranks=(1, 2, 3))
+    assert errors[2] < 1e-9 and errors[3] < 1e-9 and errors[1] > 1.0
+    # rank 0 keeps the training mean alone: the mean vertex distance to it, in mm
+    (at_mean,) = linear_reconstruction_errors(train, test, ranks=(0,))
+    expected = 1000.0 * torch.linalg.vector_norm(test.double() - train.double().mean(0), dim=-1).mean().item()
+    assert at_mean == pytest.approx(expected)

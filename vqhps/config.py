@@ -122,6 +122,10 @@ class VQVAEConfig:
     #: with 1 (beyond the paper) the full schedule reconstructs test meshes at 6.76 mm PVE instead of
     #: 8.2-9.0 mm, for about 3% more training time (README, "What limits the Mesh-VQ-VAE")
     bottleneck_layers: int = 1
+    #: beyond the paper: add a zero-initialised linear map from all 54 x 9 latent values to every vertex
+    #: to the decoder's output, a global path beside the convolutions' local one (README, "What limits
+    #: the Mesh-VQ-VAE"); off by default
+    linear_readout: bool = False
     ema_decay: float = 0.99
     commitment: float = 0.25
     dead_code_threshold: float = 1e-3

@@ -21,7 +21,8 @@ from vqhps.mesh.hierarchy import MeshHierarchy
 
 
 #: config fields that define the weights (the rest only says how they were trained)
-ARCHITECTURE_FIELDS = ("channels", "latent_dim", "codebook_size", "n_basis", "residual_rate", "bottleneck_layers")
+ARCHITECTURE_FIELDS = ("channels", "latent_dim", "codebook_size", "n_basis", "residual_rate", "bottleneck_layers",
+                       "linear_readout")
 
 
 # ------------------------------------------------------------------------- quantiser
@@ -200,11 +201,14 @@ class MeshEncoder(nn.Module):
 
 class MeshDecoder(nn.Module):
     """Mirror of :class:`MeshEncoder`: ``bottleneck_layers`` all-to-all convolutions at the bottom, one
-    unpool per level up to the full mesh, then a conv to 3 channels without activation."""
+    unpool per level up to the full mesh, then a conv to 3 channels without activation. With
+    ``linear_readout``, a linear map from all tokens at once to every vertex is added to that output."""
 
     def __init__(self, hierarchy: MeshHierarchy, channels: tuple[int, ...], latent_dim: int, n_basis: int,
-                 residual_rate: float, bottleneck_layers: int = 0) -> None:
+                 residual_rate: float, bottleneck_layers: int = 0, linear_readout: bool = False) -> None:
         super().__init__()
+        n_latent = hierarchy.sizes[-1] * latent_dim
+        self.readout = linear_readout_layer(n_latent, hierarchy.sizes[0]) if linear_readout else None
         widths = level_widths(channels, latent_dim, bottleneck_layers)
         kw = dict(n_basis=n_basis, residual_rate=residual_rate)
         self.layers = nn.ModuleList([
@@ -218,9 +222,21 @@ class MeshDecoder(nn.Module):
         self.layers.append(MeshConv.at_level(hierarchy, 0, widths[0], 3, activation=False, **kw))
 
     def forward(self, z: Tensor) -> Tensor:
+        out = z
         for layer in self.layers:
-            z = layer(z)
-        return z
+            out = layer(out)
+        if self.readout is not None:
+            out = out + self.readout(z.flatten(1)).unflatten(1, (-1, 3))
+        return out
+
+
+def linear_readout_layer(n_latent: int, n_vertices: int) -> nn.Linear:
+    """All latent values -> every vertex offset, zero-initialised so that the decoder starts as its
+    convolutions alone: a global linear path beside the local one."""
+    layer = nn.Linear(n_latent, 3 * n_vertices)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
 
 
 # ------------------------------------------------------------------------- the model
@@ -248,7 +264,7 @@ class MeshVQVAE(nn.Module):
         self.register_buffer("scale", centred.square().sum(1).mean().sqrt().clamp(min=1e-8))
         args = (hierarchy, tuple(cfg.channels), cfg.latent_dim, cfg.n_basis, cfg.residual_rate, cfg.bottleneck_layers)
         self.encoder = MeshEncoder(*args)
-        self.decoder = MeshDecoder(*args)
+        self.decoder = MeshDecoder(*args, linear_readout=cfg.linear_readout)
         self.quantizer = EMAQuantizer(cfg.codebook_size, cfg.latent_dim, cfg.ema_decay, cfg.commitment,
                                       cfg.dead_code_threshold)
         self._n_tokens = hierarchy.sizes[-1]
@@ -316,4 +332,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["EMAQuantizer", "MeshDecoder", "MeshEncoder", "MeshVQVAE", "Quantized", "bottleneck_conv", "count_parameters"]
+__all__ = ["EMAQuantizer", "MeshDecoder", "MeshEncoder", "MeshVQVAE", "Quantized", "bottleneck_conv", "count_parameters",
+           "linear_readout_layer"]
