@@ -133,7 +133,7 @@ def test_public_api_shapes(sphere):
     assert meta["config"]["codebook_size"] == 512
     assert meta["architecture"] == {"channels": (16, 32, 64), "latent_dim": 9, "codebook_size": 512,
                                     "n_basis": 9, "residual_rate": 0.5, "bottleneck_layers": 1,
-                                    "linear_readout": False}
+                                    "linear_readout": False, "linear_encoder": False}
 
 
 def test_decode_latent_is_differentiable(sphere):
@@ -249,10 +249,27 @@ def test_linear_readout_starts_silent_then_adds_a_global_linear_map(sphere):
     assert bool((change > 0).all())
 
 
-@pytest.mark.parametrize("linear_readout", [False, True])
-def test_training_reduces_loss(sphere, one_thread, linear_readout):
+def test_linear_encoder_starts_silent_then_adds_a_global_linear_map(sphere):
     torch.manual_seed(0)
-    model = _model(sphere, ema_decay=0.9, linear_readout=linear_readout).train()
+    plain, with_linear = _model(sphere), _model(sphere, linear_encoder=True)
+    missing, unexpected = with_linear.load_state_dict(plain.state_dict(), strict=False)
+    assert set(missing) == {"encoder.linear.weight", "encoder.linear.bias"} and not unexpected
+    x = 0.1 * torch.randn(2, plain.n_vertices, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(with_linear.encoder(x), plain.encoder(x))  # zero-initialised
+        linear = with_linear.encoder.linear
+        linear.weight.normal_()
+        linear.bias.normal_()
+        added = with_linear.encoder(x) - plain.encoder(x)
+        # by hand: latent value (token t, channel c) = bias[9t + c] + sum over vertex offsets of weight[9t + c, :] * x
+        expected = (x.reshape(2, -1) @ linear.weight.t() + linear.bias).reshape(2, 54, 9)
+        torch.testing.assert_close(added, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("linear_paths", [False, True])
+def test_training_reduces_loss(sphere, one_thread, linear_paths):
+    torch.manual_seed(0)
+    model = _model(sphere, ema_decay=0.9, linear_readout=linear_paths, linear_encoder=linear_paths).train()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(0)
     losses, perplexities = [], []

@@ -126,6 +126,9 @@ class VQVAEConfig:
     #: to the decoder's output, a global path beside the convolutions' local one (README, "What limits
     #: the Mesh-VQ-VAE"); off by default
     linear_readout: bool = False
+    #: beyond the paper: the encoder's counterpart, a zero-initialised linear map from every vertex
+    #: offset to all 54 x 9 latent values added to the encoder's output; off by default
+    linear_encoder: bool = False
     ema_decay: float = 0.99
     commitment: float = 0.25
     dead_code_threshold: float = 1e-3

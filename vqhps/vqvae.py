@@ -22,7 +22,7 @@ from vqhps.mesh.hierarchy import MeshHierarchy
 
 #: config fields that define the weights (the rest only says how they were trained)
 ARCHITECTURE_FIELDS = ("channels", "latent_dim", "codebook_size", "n_basis", "residual_rate", "bottleneck_layers",
-                       "linear_readout")
+                       "linear_readout", "linear_encoder")
 
 
 # ------------------------------------------------------------------------- quantiser
@@ -179,11 +179,14 @@ def level_widths(channels: tuple[int, ...], latent_dim: int, bottleneck_layers: 
 class MeshEncoder(nn.Module):
     """3 -> channels[0] conv on the full mesh, then one pool per level down to the bottom vertices,
     then ``bottleneck_layers`` all-to-all convolutions there; the last layer outputs ``latent_dim``.
-    ELU after every layer, the latent included."""
+    ELU after every layer, the latent included. With ``linear_encoder``, a linear map from every vertex
+    offset at once to all latent values is added to that output."""
 
     def __init__(self, hierarchy: MeshHierarchy, channels: tuple[int, ...], latent_dim: int, n_basis: int,
-                 residual_rate: float, bottleneck_layers: int = 0) -> None:
+                 residual_rate: float, bottleneck_layers: int = 0, linear_encoder: bool = False) -> None:
         super().__init__()
+        n_latent = hierarchy.sizes[-1] * latent_dim
+        self.linear = zero_linear(3 * hierarchy.sizes[0], n_latent) if linear_encoder else None
         widths = level_widths(channels, latent_dim, bottleneck_layers)
         kw = dict(n_basis=n_basis, residual_rate=residual_rate)
         self.layers = nn.ModuleList([MeshConv.at_level(hierarchy, 0, 3, widths[0], **kw)])
@@ -194,9 +197,12 @@ class MeshEncoder(nn.Module):
             self.layers.append(bottleneck_conv(hierarchy.sizes[-1], channels[-1], out, **kw))
 
     def forward(self, x: Tensor) -> Tensor:
+        out = x
         for layer in self.layers:
-            x = layer(x)
-        return x
+            out = layer(out)
+        if self.linear is not None:
+            out = out + self.linear(x.flatten(1)).unflatten(1, out.shape[1:])
+        return out
 
 
 class MeshDecoder(nn.Module):
@@ -208,7 +214,7 @@ class MeshDecoder(nn.Module):
                  residual_rate: float, bottleneck_layers: int = 0, linear_readout: bool = False) -> None:
         super().__init__()
         n_latent = hierarchy.sizes[-1] * latent_dim
-        self.readout = linear_readout_layer(n_latent, hierarchy.sizes[0]) if linear_readout else None
+        self.readout = zero_linear(n_latent, 3 * hierarchy.sizes[0]) if linear_readout else None
         widths = level_widths(channels, latent_dim, bottleneck_layers)
         kw = dict(n_basis=n_basis, residual_rate=residual_rate)
         self.layers = nn.ModuleList([
@@ -230,10 +236,10 @@ class MeshDecoder(nn.Module):
         return out
 
 
-def linear_readout_layer(n_latent: int, n_vertices: int) -> nn.Linear:
-    """All latent values -> every vertex offset, zero-initialised so that the decoder starts as its
-    convolutions alone: a global linear path beside the local one."""
-    layer = nn.Linear(n_latent, 3 * n_vertices)
+def zero_linear(n_in: int, n_out: int) -> nn.Linear:
+    """A global linear path (all latent values <-> every vertex offset) beside the convolutions' local
+    one, zero-initialised so that the network starts as its convolutions alone."""
+    layer = nn.Linear(n_in, n_out)
     nn.init.zeros_(layer.weight)
     nn.init.zeros_(layer.bias)
     return layer
@@ -263,7 +269,7 @@ class MeshVQVAE(nn.Module):
         self.register_buffer("template", centred)
         self.register_buffer("scale", centred.square().sum(1).mean().sqrt().clamp(min=1e-8))
         args = (hierarchy, tuple(cfg.channels), cfg.latent_dim, cfg.n_basis, cfg.residual_rate, cfg.bottleneck_layers)
-        self.encoder = MeshEncoder(*args)
+        self.encoder = MeshEncoder(*args, linear_encoder=cfg.linear_encoder)
         self.decoder = MeshDecoder(*args, linear_readout=cfg.linear_readout)
         self.quantizer = EMAQuantizer(cfg.codebook_size, cfg.latent_dim, cfg.ema_decay, cfg.commitment,
                                       cfg.dead_code_threshold)
@@ -333,4 +339,4 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = ["EMAQuantizer", "MeshDecoder", "MeshEncoder", "MeshVQVAE", "Quantized", "bottleneck_conv", "count_parameters",
-           "linear_readout_layer"]
+           "zero_linear"]
