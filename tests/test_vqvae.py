@@ -133,7 +133,7 @@ def test_public_api_shapes(sphere):
     assert meta["config"]["codebook_size"] == 512
     assert meta["architecture"] == {"channels": (16, 32, 64), "latent_dim": 9, "codebook_size": 512,
                                     "n_basis": 9, "residual_rate": 0.5, "bottleneck_layers": 1,
-                                    "linear_readout": False, "linear_encoder": False}
+                                    "linear_readout": True, "linear_encoder": False}
 
 
 def test_decode_latent_is_differentiable(sphere):
@@ -216,7 +216,7 @@ def test_bottleneck_conv_starts_as_its_residual_then_reads_every_token():
 def test_bottleneck_layers_add_all_to_all_convs_on_both_sides(sphere):
     from vqhps.mesh.conv import MeshConv
 
-    authors, ours = _model(sphere, bottleneck_layers=0), _model(sphere, bottleneck_layers=2)
+    authors, ours = _model(sphere, bottleneck_layers=0, linear_readout=False), _model(sphere, bottleneck_layers=2)
     n_levels = sphere[1].n_levels
     assert len(authors.encoder.layers) == len(authors.decoder.layers) == n_levels + 1
     assert len(ours.encoder.layers) == len(ours.decoder.layers) == n_levels + 3
@@ -229,7 +229,7 @@ def test_bottleneck_layers_add_all_to_all_convs_on_both_sides(sphere):
 
 def test_linear_readout_starts_silent_then_adds_a_global_linear_map(sphere):
     torch.manual_seed(0)
-    plain, with_readout = _model(sphere), _model(sphere, linear_readout=True)
+    plain, with_readout = _model(sphere, linear_readout=False), _model(sphere, linear_readout=True)
     missing, unexpected = with_readout.load_state_dict(plain.state_dict(), strict=False)
     assert set(missing) == {"decoder.readout.weight", "decoder.readout.bias"} and not unexpected
     z = torch.randn(2, 54, 9)
@@ -251,7 +251,7 @@ def test_linear_readout_starts_silent_then_adds_a_global_linear_map(sphere):
 
 def test_linear_encoder_starts_silent_then_adds_a_global_linear_map(sphere):
     torch.manual_seed(0)
-    plain, with_linear = _model(sphere), _model(sphere, linear_encoder=True)
+    plain, with_linear = _model(sphere, linear_encoder=False), _model(sphere, linear_encoder=True)
     missing, unexpected = with_linear.load_state_dict(plain.state_dict(), strict=False)
     assert set(missing) == {"encoder.linear.weight", "encoder.linear.bias"} and not unexpected
     x = 0.1 * torch.randn(2, plain.n_vertices, 3)
@@ -303,7 +303,8 @@ def test_checkpoint_round_trip_and_body_check(sphere, tmp_path):
     torch.testing.assert_close(fresh.decode(model.encode(verts)), model.decode(model.encode(verts)))
     with pytest.raises(CheckpointMismatch, match="body_id"):
         load_checkpoint(path, expect={"body_id": "another-body"})
-    for change in ({"bottleneck_layers": model.cfg.bottleneck_layers + 1}, {"linear_readout": True}):
+    for change in ({"bottleneck_layers": model.cfg.bottleneck_layers + 1},
+                   {"linear_readout": not model.cfg.linear_readout}):
         other = _model(sphere, **change).checkpoint_meta()
         with pytest.raises(CheckpointMismatch, match="architecture"):
             load_checkpoint(path, expect={"architecture": other["architecture"]})

@@ -110,7 +110,7 @@ class HierarchyConfig:
 @dataclass
 class VQVAEConfig:
     """Mesh-VQ-VAE architecture and training (authors' architecture plus one all-to-all bottleneck layer
-    on each side; faster schedule, see README)."""
+    on each side and a linear readout in the decoder; faster schedule, see README)."""
 
     channels: tuple[int, ...] = (32, 64, 128)
     latent_dim: int = 9
@@ -122,12 +122,14 @@ class VQVAEConfig:
     #: with 1 (beyond the paper) the full schedule reconstructs test meshes at 6.76 mm PVE instead of
     #: 8.2-9.0 mm, for about 3% more training time (README, "What limits the Mesh-VQ-VAE")
     bottleneck_layers: int = 1
-    #: beyond the paper: add a zero-initialised linear map from all 54 x 9 latent values to every vertex
-    #: to the decoder's output, a global path beside the convolutions' local one (README, "What limits
-    #: the Mesh-VQ-VAE"); off by default
-    linear_readout: bool = False
+    #: beyond the paper: a zero-initialised linear map from all 54 x 9 latent values to every vertex,
+    #: added to the decoder's output, a global path beside the convolutions' local one. With it the full
+    #: schedule reconstructs test meshes at 5.60 mm PVE instead of 6.76 mm, at the same step time
+    #: (README, "What limits the Mesh-VQ-VAE")
+    linear_readout: bool = True
     #: beyond the paper: the encoder's counterpart, a zero-initialised linear map from every vertex
-    #: offset to all 54 x 9 latent values added to the encoder's output; off by default
+    #: offset to all 54 x 9 latent values added to the encoder's output. Off: with both paths the
+    #: training error after 3,000 full-schedule steps was 36.5 mm against 16.2 mm with the readout alone
     linear_encoder: bool = False
     ema_decay: float = 0.99
     commitment: float = 0.25
@@ -282,7 +284,7 @@ def full() -> Config:
 
 
 def smoke() -> Config:
-    """Every notebook on a 2-core CPU in minutes: coarse mesh, tiny data, 64-pixel crops, few steps."""
+    """Every notebook on a 2-core CPU in minutes: narrow networks, tiny data, 64-pixel crops, few steps."""
     return Config(
         profile="smoke",
         data=DataConfig(
