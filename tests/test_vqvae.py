@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import trimesh
 
 from vqhps.config import VQVAEConfig
@@ -133,7 +134,7 @@ def test_public_api_shapes(sphere):
     assert meta["config"]["codebook_size"] == 512
     assert meta["architecture"] == {"channels": (16, 32, 64), "latent_dim": 9, "codebook_size": 512,
                                     "n_basis": 9, "residual_rate": 0.5, "bottleneck_layers": 1,
-                                    "linear_readout": True, "linear_encoder": False}
+                                    "linear_readout": True, "readout_hidden": 0, "linear_encoder": False}
 
 
 def test_decode_latent_is_differentiable(sphere):
@@ -247,6 +248,24 @@ def test_linear_readout_starts_silent_then_adds_a_global_linear_map(sphere):
         moved[:, 0] += 1.0
         change = torch.linalg.vector_norm(with_readout.decoder(moved) - with_readout.decoder(z), dim=-1)
     assert bool((change > 0).all())
+
+
+def test_readout_with_a_hidden_layer_starts_silent_then_adds_an_mlp(sphere):
+    torch.manual_seed(0)
+    plain, with_mlp = _model(sphere, linear_readout=False), _model(sphere, readout_hidden=32)
+    missing, unexpected = with_mlp.load_state_dict(plain.state_dict(), strict=False)
+    assert {k for k in missing} == {f"decoder.readout.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    assert not unexpected
+    z = torch.randn(2, 54, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(with_mlp.decode_latent(z), plain.decode_latent(z))  # zero last layer
+        first, last = with_mlp.decoder.readout[0], with_mlp.decoder.readout[2]
+        assert (first.in_features, first.out_features, last.out_features) == (54 * 9, 32, 3 * plain.n_vertices)
+        last.weight.normal_()
+        added = with_mlp.decoder(z) - plain.decoder(z)
+        hidden = F.gelu(z.reshape(2, -1) @ first.weight.t() + first.bias)
+        expected = (hidden @ last.weight.t() + last.bias).reshape(2, -1, 3)
+        torch.testing.assert_close(added, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_linear_encoder_starts_silent_then_adds_a_global_linear_map(sphere):

@@ -127,6 +127,9 @@ class VQVAEConfig:
     #: schedule reconstructs test meshes at 5.60 mm PVE instead of 6.76 mm, at the same step time
     #: (README, "What limits the Mesh-VQ-VAE")
     linear_readout: bool = True
+    #: width of a hidden GELU layer in that readout (0: linear); beyond the paper, not yet measured at
+    #: the full schedule
+    readout_hidden: int = 0
     #: beyond the paper: the encoder's counterpart, a zero-initialised linear map from every vertex
     #: offset to all 54 x 9 latent values added to the encoder's output. Off: with both paths the
     #: training error after 3,000 full-schedule steps was 36.5 mm against 16.2 mm with the readout alone
