@@ -228,24 +228,33 @@ def test_bottleneck_layers_add_all_to_all_convs_on_both_sides(sphere):
     assert ours.decode(ours.encode(verts)).shape == verts.shape
 
 
+def _assert_path_starts_silent_then_adds(plain, extended, path: str, forward, x, by_hand) -> None:
+    """``extended`` is ``plain`` plus one zero-initialised module at ``path``: it loads plain's weights
+    with only that module's missing, computes the same at first, and once the module's weights are
+    random, ``forward(extended, x) - forward(plain, x)`` equals ``by_hand(module, x)``."""
+    missing, unexpected = extended.load_state_dict(plain.state_dict(), strict=False)
+    module = extended.get_submodule(path)
+    assert set(missing) == {f"{path}.{name}" for name, _ in module.named_parameters()} and not unexpected
+    with torch.no_grad():
+        torch.testing.assert_close(forward(extended, x), forward(plain, x))  # zero-initialised
+        for weights in module.parameters():
+            weights.normal_()
+        added = forward(extended, x) - forward(plain, x)
+        torch.testing.assert_close(added, by_hand(module, x), rtol=1e-4, atol=1e-4)
+
+
 def test_linear_readout_starts_silent_then_adds_a_global_linear_map(sphere):
     torch.manual_seed(0)
     plain, with_readout = _model(sphere, linear_readout=False), _model(sphere, linear_readout=True)
-    missing, unexpected = with_readout.load_state_dict(plain.state_dict(), strict=False)
-    assert set(missing) == {"decoder.readout.weight", "decoder.readout.bias"} and not unexpected
     z = torch.randn(2, 54, 9)
+    # by hand: offset of vertex v, axis a = bias[3v + a] + sum over latent values of weight[3v + a, :] * z
+    _assert_path_starts_silent_then_adds(
+        plain, with_readout, "decoder.readout", lambda m, z: m.decoder(z), z,
+        lambda lin, z: (z.reshape(2, -1) @ lin.weight.t() + lin.bias).reshape(2, -1, 3))
+    # one token reaches vertices the convolutions alone do not: every vertex moves
+    moved = z.clone()
+    moved[:, 0] += 1.0
     with torch.no_grad():
-        torch.testing.assert_close(with_readout.decode_latent(z), plain.decode_latent(z))  # zero-initialised
-        readout = with_readout.decoder.readout
-        readout.weight.normal_()
-        readout.bias.normal_()
-        added = with_readout.decoder(z) - plain.decoder(z)
-        # by hand: offset of vertex v, axis a = bias[3v + a] + sum over latent values of weight[3v + a, :] * z
-        expected = (z.reshape(2, -1) @ readout.weight.t() + readout.bias).reshape(2, -1, 3)
-        torch.testing.assert_close(added, expected, rtol=1e-4, atol=1e-4)
-        # one token reaches vertices the convolutions alone do not: every vertex moves
-        moved = z.clone()
-        moved[:, 0] += 1.0
         change = torch.linalg.vector_norm(with_readout.decoder(moved) - with_readout.decoder(z), dim=-1)
     assert bool((change > 0).all())
 
@@ -253,36 +262,24 @@ def test_linear_readout_starts_silent_then_adds_a_global_linear_map(sphere):
 def test_readout_with_a_hidden_layer_starts_silent_then_adds_an_mlp(sphere):
     torch.manual_seed(0)
     plain, with_mlp = _model(sphere, linear_readout=False), _model(sphere, readout_hidden=32)
-    missing, unexpected = with_mlp.load_state_dict(plain.state_dict(), strict=False)
-    assert {k for k in missing} == {f"decoder.readout.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
-    assert not unexpected
-    z = torch.randn(2, 54, 9)
-    with torch.no_grad():
-        torch.testing.assert_close(with_mlp.decode_latent(z), plain.decode_latent(z))  # zero last layer
-        first, last = with_mlp.decoder.readout[0], with_mlp.decoder.readout[2]
-        assert (first.in_features, first.out_features, last.out_features) == (54 * 9, 32, 3 * plain.n_vertices)
-        last.weight.normal_()
-        added = with_mlp.decoder(z) - plain.decoder(z)
-        hidden = F.gelu(z.reshape(2, -1) @ first.weight.t() + first.bias)
-        expected = (hidden @ last.weight.t() + last.bias).reshape(2, -1, 3)
-        torch.testing.assert_close(added, expected, rtol=1e-4, atol=1e-4)
+    first, last = with_mlp.decoder.readout[0], with_mlp.decoder.readout[2]
+    assert (first.in_features, first.out_features, last.out_features) == (54 * 9, 32, 3 * plain.n_vertices)
+
+    def by_hand(mlp, z):
+        hidden = F.gelu(z.reshape(2, -1) @ mlp[0].weight.t() + mlp[0].bias)
+        return (hidden @ mlp[2].weight.t() + mlp[2].bias).reshape(2, -1, 3)
+
+    _assert_path_starts_silent_then_adds(plain, with_mlp, "decoder.readout", lambda m, z: m.decoder(z),
+                                         torch.randn(2, 54, 9), by_hand)
 
 
 def test_linear_encoder_starts_silent_then_adds_a_global_linear_map(sphere):
     torch.manual_seed(0)
     plain, with_linear = _model(sphere, linear_encoder=False), _model(sphere, linear_encoder=True)
-    missing, unexpected = with_linear.load_state_dict(plain.state_dict(), strict=False)
-    assert set(missing) == {"encoder.linear.weight", "encoder.linear.bias"} and not unexpected
-    x = 0.1 * torch.randn(2, plain.n_vertices, 3)
-    with torch.no_grad():
-        torch.testing.assert_close(with_linear.encoder(x), plain.encoder(x))  # zero-initialised
-        linear = with_linear.encoder.linear
-        linear.weight.normal_()
-        linear.bias.normal_()
-        added = with_linear.encoder(x) - plain.encoder(x)
-        # by hand: latent value (token t, channel c) = bias[9t + c] + sum over vertex offsets of weight[9t + c, :] * x
-        expected = (x.reshape(2, -1) @ linear.weight.t() + linear.bias).reshape(2, 54, 9)
-        torch.testing.assert_close(added, expected, rtol=1e-4, atol=1e-4)
+    # by hand: latent value (token t, channel c) = bias[9t + c] + sum over vertex offsets of weight[9t + c, :] * x
+    _assert_path_starts_silent_then_adds(
+        plain, with_linear, "encoder.linear", lambda m, x: m.encoder(x), 0.1 * torch.randn(2, plain.n_vertices, 3),
+        lambda lin, x: (x.reshape(2, -1) @ lin.weight.t() + lin.bias).reshape(2, 54, 9))
 
 
 @pytest.mark.parametrize("linear_paths", [False, True])
