@@ -187,6 +187,55 @@ def test_reconstruct_without_quantisation_decodes_the_continuous_latent(sphere):
     torch.testing.assert_close(quantised, continuous)
 
 
+def test_reconstruction_summary_is_the_mean_vertex_distance_with_and_without_the_codebook(sphere):
+    from vqhps.vqvae_training import reconstruction_summary
+
+    torch.manual_seed(0)
+    model = _model(sphere).eval()
+    verts = _deformed(sphere[0], 5, torch.Generator().manual_seed(3))
+    regressor = torch.softmax(torch.randn(17, len(sphere[0])), dim=1)
+    rec = reconstruction_summary(model, verts, regressor, batch_size=2)
+    with torch.no_grad():
+        quantised, continuous = model.decode(model.encode(verts)), model.decode_latent(model.encode_latent(verts))
+
+    def pve_mm(recon):  # by hand: both meshes centred on their vertex mean
+        centred = lambda m: m - m.mean(1, keepdim=True)  # noqa: E731
+        return 1000.0 * torch.linalg.vector_norm(centred(recon) - centred(verts), dim=-1)
+
+    assert rec.summary["PVE_mm"] == pytest.approx(pve_mm(quantised).mean().item(), rel=1e-5)
+    assert rec.summary["PVE_continuous_mm"] == pytest.approx(pve_mm(continuous).mean().item(), rel=1e-5)
+    joints = lambda m: regressor @ (m - m.mean(1, keepdim=True))  # noqa: E731
+    mpjpe = 1000.0 * torch.linalg.vector_norm(joints(quantised) - joints(verts), dim=-1).mean()
+    assert rec.summary["MPJPE_mm"] == pytest.approx(mpjpe.item(), rel=1e-5)
+    assert rec.per_vertex.shape == (5, len(sphere[0])) and rec.ids.shape == (5, 54)
+    torch.testing.assert_close(rec.recon, quantised)
+
+
+def test_evaluate_vae_command_writes_both_stages_and_names_a_missing_checkpoint(smoke_artifacts, body, tmp_path,
+                                                                                monkeypatch, capsys):
+    import pandas as pd
+
+    from vqhps.cli import main
+    from vqhps.vqvae_training import evaluation_meshes, load_mesh_vqvae, reconstruction_summary
+
+    monkeypatch.setenv("VQHPS_RESULTS_DIR", str(smoke_artifacts.paths.results))
+    assert main(["evaluate-vae", "--profile", "smoke", "--corpus-meshes", "10"]) == 0
+    table = pd.read_csv(smoke_artifacts.results_dir / "tables" / "vae_reconstruction.csv")
+    assert list(zip(table.stage, table.meshes, table.n_meshes)) == [
+        ("pretrain", "test", smoke_artifacts.data.n_test), ("pretrain", "corpus_train", 10),
+        ("finetune", "test", smoke_artifacts.data.n_test), ("finetune", "corpus_train", 10)]
+    meshes = evaluation_meshes(smoke_artifacts, body)["test"]
+    expected = reconstruction_summary(load_mesh_vqvae(smoke_artifacts, body, "finetune"), meshes, body.regressor17)
+    row = table[(table.stage == "finetune") & (table.meshes == "test")].iloc[0]
+    for key, value in expected.summary.items():
+        assert row[key] == pytest.approx(value, rel=1e-4)
+    capsys.readouterr()
+    monkeypatch.setenv("VQHPS_RESULTS_DIR", str(tmp_path))
+    assert main(["evaluate-vae", "--profile", "smoke", "--stages", "finetune"]) == 2
+    err = capsys.readouterr().err
+    assert "mesh_vqvae_finetune.pt" in err and "python -m vqhps train-vae --profile smoke --stage finetune" in err
+
+
 def test_template_mismatch_is_refused(sphere):
     template, h = sphere
     with pytest.raises(ValueError, match="vertices"):

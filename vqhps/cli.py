@@ -169,6 +169,40 @@ def _train_vae(args) -> int:
     return 0
 
 
+def _evaluate_vae(args) -> int:
+    """Reconstruction error (mm) of the trained Mesh-VQ-VAE stages, from the nearest codes and from the
+    continuous latent, on the test split (and corpus training meshes)."""
+    import pandas as pd
+
+    from .body import load_body
+    from .figures import save_table
+    from .train import device_of
+    from .vqvae_training import checkpoint_dir, evaluation_meshes, load_mesh_vqvae, reconstruction_summary
+
+    cfg = _config(args)
+    if args.corpus_meshes < 0:
+        raise ValueError(f"--corpus-meshes must be 0 (test split only) or a number of meshes, got {args.corpus_meshes}")
+    for stage in args.stages:
+        path = checkpoint_dir(cfg) / f"mesh_vqvae_{stage}.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}; train it with "
+                                    f"`python -m vqhps train-vae --profile {cfg.profile} --stage {stage}`")
+    device = device_of(cfg.runtime)
+    body = load_body(cfg).to(device)
+    sets = evaluation_meshes(cfg, body, args.corpus_meshes)
+    rows = []
+    for stage in args.stages:
+        model = load_mesh_vqvae(cfg, body, stage, device)
+        for name, meshes in sets.items():
+            summary = reconstruction_summary(model, meshes, body.regressor17).summary
+            rows.append({"stage": stage, "meshes": name, "n_meshes": len(meshes), **summary})
+    table = pd.DataFrame(rows)
+    save_table(table, cfg.results_dir, "vae_reconstruction")
+    print(table.round(2).to_string(index=False))
+    print(f"written: {cfg.results_dir / 'tables' / 'vae_reconstruction.csv'}")
+    return 0
+
+
 def _with_compile(args) -> None:
     """``--compile/--no-compile`` as a ``--set runtime.compile=...`` override (passed on to workers)."""
     if getattr(args, "compile", None) is not None:
@@ -386,6 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("train-vae", _train_vae, "train the Mesh-VQ-VAE (pre-train on the corpus, fine-tune on the benchmark)")
     p.add_argument("--stage", choices=("pretrain", "finetune", "both"), default="both")
     p.add_argument("--stop-after", type=int, default=None, help="stop each stage after this many steps (resumable)")
+
+    p = command("evaluate-vae", _evaluate_vae, "reconstruction error (mm) of the trained Mesh-VQ-VAE stages on the "
+                "test split, from the nearest codes and from the continuous latent; table under "
+                "results/<profile>/tables/vae_reconstruction.csv")
+    p.add_argument("--stages", nargs="+", choices=("pretrain", "finetune"), default=["pretrain", "finetune"])
+    p.add_argument("--corpus-meshes", type=int, default=0, metavar="N",
+                   help="also measure the first N corpus training meshes (default 0: test split only)")
 
     p = command("train", _train, "train VQ-HPS on the benchmark with the fine-tuned Mesh-VQ-VAE")
     p.add_argument("--name", default="vqhps", help="run name: checkpoint and log file stem (a Table 2 ablation's "

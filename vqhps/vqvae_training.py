@@ -3,6 +3,7 @@ fine-tune on the benchmark's training meshes (3DPW analogue), reload, and measur
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,47 @@ def reconstruction_errors(recon: torch.Tensor, meshes: torch.Tensor, regressor17
     jerr = 1000.0 * torch.linalg.vector_norm(joints_from_centred(recon, reg) - joints_from_centred(meshes, reg), dim=-1)
     table = pd.DataFrame({"PVE": per_vertex.mean(1).numpy(), "MPJPE": jerr.mean(1).numpy()})
     return table, per_vertex.numpy()
+
+
+@dataclass
+class Reconstruction:
+    """A Mesh-VQ-VAE's reconstruction of a set of meshes: ``summary`` holds PVE_mm and MPJPE_mm through
+    the codebook and PVE_continuous_mm without it; the rest are the quantised reconstructions (N, V, 3),
+    their per-vertex errors (mm, (N, V)) and token ids (N, 54)."""
+
+    summary: dict[str, float]
+    recon: torch.Tensor
+    per_vertex: np.ndarray
+    ids: torch.Tensor
+
+
+def reconstruction_summary(model: MeshVQVAE, meshes: torch.Tensor, regressor17: torch.Tensor,
+                           batch_size: int = 64) -> Reconstruction:
+    """Encode and decode ``meshes`` from their nearest codes and from the continuous latent (the
+    difference of the two errors is what the codebook costs)."""
+    recon, ids = reconstruct(model, meshes, batch_size)
+    table, per_vertex = reconstruction_errors(recon, meshes, regressor17)
+    continuous, _ = reconstruct(model, meshes, batch_size, quantise=False)
+    summary = {"PVE_mm": float(table.PVE.mean()), "MPJPE_mm": float(table.MPJPE.mean()),
+               "PVE_continuous_mm": float(reconstruction_errors(continuous, meshes, regressor17)[0].PVE.mean())}
+    return Reconstruction(summary, recon, per_vertex, ids)
+
+
+def evaluation_meshes(cfg, body, corpus_meshes: int = 0) -> dict[str, torch.Tensor]:
+    """Canonical meshes (on the CPU) to measure reconstruction on: the benchmark's test split and, with
+    ``corpus_meshes`` > 0, the first that many corpus training meshes (those pre-training sees first)."""
+    from .data import synthetic
+
+    test = synthetic.split_meshes(cfg, "test")
+    device = body.template.device
+    sets = {"test": canonical_targets(body, torch.as_tensor(test["pose"]).to(device),
+                                      torch.as_tensor(test["shape"]).to(device)).cpu()}
+    if corpus_meshes > 0:
+        batch = cfg.vqvae.batch_size
+        steps = -(-corpus_meshes // batch)
+        sets["corpus_train"] = torch.cat([corpus_batch(body, "train", step, batch, cfg.seed, device)
+                                          for step in range(steps)])[:corpus_meshes].cpu()
+    return sets
 
 
 def part_errors(per_vertex: np.ndarray, parts: np.ndarray, part_names: tuple[str, ...]) -> pd.Series:
