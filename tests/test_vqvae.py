@@ -322,6 +322,25 @@ def test_readout_with_a_hidden_layer_starts_silent_then_adds_an_mlp(sphere):
                                          torch.randn(2, 54, 9), by_hand)
 
 
+def test_readout_trains_at_its_own_learning_rate_through_the_one_cycle_schedule(sphere):
+    from vqhps.vqvae_training import parameter_groups
+
+    model = _model(sphere, readout_hidden=8)
+    groups = parameter_groups(model, 1e-3, readout_lr_scale=0.1)
+    readout = {id(p) for p in model.decoder.readout.parameters()}
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-4)]
+    assert {id(p) for p in groups[1]["params"]} == readout
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.parameters()} - readout
+    opt = torch.optim.Adam(groups, lr=1e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=20)
+    for _ in range(19):
+        opt.step()
+        sched.step()
+        assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * opt.param_groups[0]["lr"])
+    (only,) = parameter_groups(_model(sphere, linear_readout=False), 1e-3, readout_lr_scale=0.1)
+    assert only["lr"] == 1e-3 and len(only["params"]) == len(list(_model(sphere, linear_readout=False).parameters()))
+
+
 def test_linear_encoder_starts_silent_then_adds_a_global_linear_map(sphere):
     torch.manual_seed(0)
     plain, with_linear = _model(sphere, linear_encoder=False), _model(sphere, linear_encoder=True)
