@@ -142,7 +142,7 @@ class VQVAEConfig:
     pretrain_steps: int = 14_000
     finetune_steps: int = 3_000
     finetune_lr: float = 2e-4
-    #: the linear readout's learning rate as a multiple of ``lr`` / ``finetune_lr`` (both stages; beyond
+    #: the readout's learning rate as a multiple of ``lr`` / ``finetune_lr`` (both stages; beyond
     #: the paper, not yet measured at the full schedule)
     readout_lr_scale: float = 1.0
     #: bf16 autocast while training (with ``runtime.amp``). Off: on one H100 the full schedule trained
