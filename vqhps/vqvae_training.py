@@ -110,7 +110,8 @@ def train_stage(cfg, body, stage: str, stop_after: int | None = None,
 def parameter_groups(model: MeshVQVAE, lr: float, readout_lr_scale: float = 1.0) -> list[dict]:
     """Optimizer groups: the decoder's global readout (when it has one) at ``readout_lr_scale`` times
     the learning rate of every other weight: each readout weight moves by about the learning rate per
-    Adam step, and every vertex offset sums all 486 latent values' (19.5 M weights for anny)."""
+    Adam step, and each vertex offset is a sum over all 486 latent values (anny's linear readout has
+    19.5 M weights)."""
     readout = model.decoder.readout
     if readout is None:
         return [{"params": list(model.parameters()), "lr": lr}]
