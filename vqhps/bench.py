@@ -121,43 +121,43 @@ def _mesh_vqvae_train_steps(cfg, body, device: torch.device, iters: int, warmup:
     rows = []
     with static_shapes(compiled):
         for precision in ("fp32", "tf32", "bf16"):
-            amp = precision == "bf16" and device.type == "cuda"
-
-            def step():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss = model(x)["loss"]
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
             with tf32_matmuls(precision == "tf32"):
-                sec = timed(step, device, warmup=warmup, iters=iters)
-            rows.append({"what": "mesh_vqvae_train_step", "precision": precision, "batch": train_batch,
-                         "items_per_s": train_batch / sec, "ms_per_batch": 1000 * sec, "peak_mb": _peak_mb(device),
-                         "compiled": compiled})
+                sec = _timed_train_step(model, opt, x, device, warmup, iters,
+                                        amp=precision == "bf16" and device.type == "cuda")
+            rows.append(_train_step_row("mesh_vqvae_train_step", precision, train_batch, sec, device, compiled))
     if device.type != "cuda" or not fused.available(x):
         return rows
     with environment({"VQHPS_FUSED_TRAIN": "1"}):
         torch.manual_seed(cfg.seed)
         model = compile_for(build_mesh_vqvae(cfg, body).to(device).train(), cfg, device)  # stays eager
         opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
-
-        def fused_step():
-            loss = model(x)["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
         for precision, dots in (("fp32", "ieee"), ("tf32x3", "tf32x3")):
-            torch.cuda.reset_peak_memory_stats(device)
             with fused.dot_precision(dots):
-                sec = timed(fused_step, device, warmup=warmup, iters=iters)
-            rows.append({"what": "mesh_vqvae_train_step_fused", "precision": precision, "batch": train_batch,
-                         "items_per_s": train_batch / sec, "ms_per_batch": 1000 * sec, "peak_mb": _peak_mb(device),
-                         "compiled": False})
+                sec = _timed_train_step(model, opt, x, device, warmup, iters)
+            rows.append(_train_step_row("mesh_vqvae_train_step_fused", precision, train_batch, sec, device, False))
     return rows
+
+
+def _timed_train_step(model, opt, x: torch.Tensor, device: torch.device, warmup: int, iters: int,
+                      amp: bool = False) -> float:
+    """Seconds per optimisation step of ``model`` on the batch ``x`` (loss, backward, ``opt`` step; bf16
+    autocast with ``amp``); the peak-memory counter starts here."""
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = model(x)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return timed(step, device, warmup=warmup, iters=iters)
+
+
+def _train_step_row(what: str, precision: str, batch: int, sec: float, device: torch.device, compiled: bool) -> dict:
+    return {"what": what, "precision": precision, "batch": batch, "items_per_s": batch / sec,
+            "ms_per_batch": 1000 * sec, "peak_mb": _peak_mb(device), "compiled": compiled}
 
 
 def write_bench(rows: list[dict], out_dir: Path, name: str, extra: dict | None = None) -> Path:
