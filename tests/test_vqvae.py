@@ -134,7 +134,7 @@ def test_public_api_shapes(sphere):
     assert meta["config"]["codebook_size"] == 512
     assert meta["architecture"] == {"channels": (16, 32, 64), "latent_dim": 9, "codebook_size": 512,
                                     "n_basis": 9, "residual_rate": 0.5, "bottleneck_layers": 1,
-                                    "linear_readout": True, "readout_hidden": 0, "linear_encoder": False}
+                                    "linear_readout": True, "readout_hidden": 1024, "linear_encoder": False}
 
 
 def test_decode_latent_is_differentiable(sphere):
@@ -294,7 +294,7 @@ def _assert_path_starts_silent_then_adds(plain, extended, path: str, forward, x,
 
 def test_linear_readout_starts_silent_then_adds_a_global_linear_map(sphere):
     torch.manual_seed(0)
-    plain, with_readout = _model(sphere, linear_readout=False), _model(sphere, linear_readout=True)
+    plain, with_readout = _model(sphere, linear_readout=False), _model(sphere, readout_hidden=0)
     z = torch.randn(2, 54, 9)
     # by hand: offset of vertex v, axis a = bias[3v + a] + sum over latent values of weight[3v + a, :] * z
     _assert_path_starts_silent_then_adds(
@@ -350,10 +350,10 @@ def test_linear_encoder_starts_silent_then_adds_a_global_linear_map(sphere):
         lambda lin, x: (x.reshape(2, -1) @ lin.weight.t() + lin.bias).reshape(2, 54, 9))
 
 
-@pytest.mark.parametrize("linear_paths", [False, True])
-def test_training_reduces_loss(sphere, one_thread, linear_paths):
+@pytest.mark.parametrize("global_paths", [False, True])
+def test_training_reduces_loss(sphere, one_thread, global_paths):
     torch.manual_seed(0)
-    model = _model(sphere, ema_decay=0.9, linear_readout=linear_paths, linear_encoder=linear_paths).train()
+    model = _model(sphere, ema_decay=0.9, linear_readout=global_paths, linear_encoder=global_paths).train()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(0)
     losses, perplexities = [], []
