@@ -119,8 +119,8 @@ def test_every_part_gives_its_rows_with_ratios_from_the_same_run(full_bench, tmp
             assert r["ratio_to_ceiling"] == pytest.approx(r["items_per_s"] / by_what[base]["items_per_s"])
     assert by_what["vqhps_inference"]["batch"] == 2 and by_what["vqhps_train_step"]["batch"] == cfg.vqhps.batch_size
     assert not any(r["compiled"] for r in rows) and by_what["vqhps_train_step"]["precision"] == "fp32"
-    # on the CPU no step replays a CUDA graph; only training rows say so
-    assert all(r["cuda_graph_train_step"] is (False if r["kind"] == "training" else None) for r in rows)
+    # on the CPU no step replays a CUDA graph; only training-step rows say so
+    assert all(r["cuda_graph_train_step"] is (False if "train_step" in r["what"] else None) for r in rows)
     assert summary["inference_ratio_to_ceiling"] == by_what["vqhps_inference"]["ratio_to_ceiling"]
     assert summary["training_ratio_to_ceiling"] == by_what["vqhps_train_step_with_input"]["ratio_to_ceiling"]
     path = write_bench(rows, tmp_path, "bench", extra=summary)

@@ -152,6 +152,7 @@ def test_rank_slice_splits_the_global_batch_in_equal_contiguous_parts():
     assert rank_slice(batch, rank=0, world=2).tolist() == [7, 3, 9, 1]
     assert rank_slice(batch, rank=1, world=2).tolist() == [4, 8, 2, 6]
     assert np.concatenate([rank_slice(batch, r, 4) for r in range(4)]).tolist() == batch.tolist()
+    assert rank_slice(torch.as_tensor(batch), rank=1, world=2).tolist() == [4, 8, 2, 6]  # tensors too
     with pytest.raises(ValueError, match=r"global batch \(batch_size=6\) is not divisible by the 4 processes"):
         rank_slice(batch[:6], rank=0, world=4)
 

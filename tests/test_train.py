@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vqhps.config import RuntimeConfig
-from vqhps.train import TrainingDiverged, rank_slice, read_log, step_indices, train
+from vqhps.train import TrainingDiverged, device_step_indices, rank_slice, read_log, step_indices, train
 
 N, BATCH, SEED = 32, 8, 3
 X = torch.randn(N, 4, generator=torch.Generator().manual_seed(0))
@@ -128,6 +128,15 @@ def test_step_indices_cover_each_epoch_once():
     seen = np.concatenate([step_indices(N, BATCH, s, SEED) for s in range(N // BATCH)])
     assert sorted(seen.tolist()) == list(range(N))
     assert not np.array_equal(step_indices(N, BATCH, 0, SEED), step_indices(N, BATCH, N // BATCH, SEED))
+
+
+def test_device_step_indices_give_the_host_batches_in_any_step_order():
+    indices = device_step_indices(N, BATCH, SEED, "cpu")
+    per_epoch = N // BATCH
+    # forwards over three epochs, then back to earlier epochs as a resumed run would
+    for step in [*range(3 * per_epoch), 0, per_epoch + 1, 5]:
+        expected = torch.as_tensor(rank_slice(step_indices(N, BATCH, step, SEED)))
+        assert torch.equal(indices(step), expected), step
 
 
 class _TwoCompiledBranches(torch.nn.Module):

@@ -103,6 +103,53 @@ def test_dead_codes_restart_on_current_inputs_deterministically():
     assert not torch.equal(run(0), run(1))
 
 
+def test_a_restart_moves_only_dead_codes_each_onto_its_own_input():
+    torch.manual_seed(0)
+    q = EMAQuantizer(codebook_size=8, dim=3, decay=0.5, dead_code_threshold=0.05).train()
+    q.set_codebook(torch.cat([torch.zeros(1, 3), 100.0 + torch.arange(21.0).reshape(7, 3)]))
+    z = 0.1 * torch.randn(64, 3)
+    # every input picks code 0: EMA sizes 32.5 and 7 x 0.5 (usage 0.5 / 36 < 0.05), sums 32 mean(z) and 0
+    out = q(z)
+    assert int(out.n_restarted) == 7
+    smoothed = (32.5 + 1e-5) / (36 + 8e-5) * 36
+    torch.testing.assert_close(q.embed[0], 32 * z.mean(0) / smoothed)
+    rows = [int((z - code).abs().sum(1).argmin()) for code in q.embed[1:]]
+    assert all(torch.equal(q.embed[1 + i], z[r]) for i, r in enumerate(rows))
+    assert len(set(rows)) == 7  # distinct inputs
+    assert q.cluster_size[1:].tolist() == pytest.approx([36 / 8] * 7)  # the mean size
+
+
+def test_loading_an_uninitialised_state_initialises_from_the_next_batch_again():
+    torch.manual_seed(0)
+    q = EMAQuantizer(codebook_size=16, dim=3).train()
+    q(torch.randn(40, 3))
+    q.load_state_dict(EMAQuantizer(codebook_size=16, dim=3).state_dict())
+    z = torch.randn(40, 3) - 7.0
+    q(z)
+    assert bool(q.initialised) and torch.cdist(q.embed, z).min(dim=1).values.max() < 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation exists only with a GPU")
+def test_a_training_step_never_waits_for_the_gpu(sphere):
+    torch.manual_seed(0)
+    model = _model(sphere).cuda().train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    batches = [_deformed(sphere[0], 8, gen).cuda() for _ in range(3)]
+    model(batches[0])  # the first batch initialises the codebook (one read of its flag)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for verts in batches[1:]:
+            out = model(verts)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out["loss"]).item()
+
+
 def test_first_training_batch_initialises_codebook():
     torch.manual_seed(0)
     q = EMAQuantizer(codebook_size=16, dim=3).train()

@@ -105,59 +105,67 @@ def bench_mesh_vqvae(cfg, body, device: torch.device, batch: int = 256, iters: i
 
 def _mesh_vqvae_train_steps(cfg, body, device: torch.device, iters: int, warmup: int) -> list[dict]:
     """The Mesh-VQ-VAE training step as ``train_stage`` runs it (encoder and decoder compiled per
-    cfg.runtime.compile, fused Adam on CUDA) in fp32, with TF32 matrix products, and in bf16; where the
-    fused Triton kernels run, also through them (VQHPS_FUSED_TRAIN=1, eager) with fp32 and 3xTF32 products."""
+    cfg.runtime.compile, fused Adam on CUDA, the gradient norm) in fp32, with TF32 matrix products, in
+    bf16, and in fp32 captured in one CUDA graph (:class:`vqhps.train.GraphedTrainStep`); where the fused
+    Triton kernels run, also through them (VQHPS_FUSED_TRAIN=1, eager) with fp32 and 3xTF32 products."""
     from vqhps.data.corpus import corpus_batch
     from vqhps.mesh import fused
     from vqhps.vqvae_training import build_mesh_vqvae, compile_for
 
-    torch.manual_seed(cfg.seed)
-    model = build_mesh_vqvae(cfg, body).to(device).train()
     compiled = bool(cfg.runtime.compile and device.type == "cuda")
-    compile_for(model, cfg, device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     train_batch = cfg.vqvae.batch_size
-    x = corpus_batch(body, "train", 2, train_batch, cfg.seed, device)
+    batch = {"verts": corpus_batch(body, "train", 2, train_batch, cfg.seed, device)}
+
+    def fresh_model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(cfg.seed)
+        model = compile_for(build_mesh_vqvae(cfg, body).to(device).train(), cfg, device)
+        return model, torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
     rows = []
+    model, opt = fresh_model()
     with static_shapes(compiled):
         for precision in ("fp32", "tf32", "bf16"):
             with tf32_matmuls(precision == "tf32"):
-                sec = _timed_train_step(model, opt, x, device, warmup, iters,
-                                        amp=precision == "bf16" and device.type == "cuda")
-            rows.append(_train_step_row("mesh_vqvae_train_step", precision, train_batch, sec, device, compiled))
-    if device.type != "cuda" or not fused.available(x):
+                sec, graphed = _timed_train_step(cfg, model, opt, batch, device, warmup, iters,
+                                                 amp=precision == "bf16" and device.type == "cuda")
+            rows.append(_train_step_row("mesh_vqvae_train_step", precision, train_batch, sec, device, compiled, graphed))
+        if device.type == "cuda":
+            model, opt = fresh_model()  # a graph captures its own optimizer state
+            sec, graphed = _timed_train_step(cfg, model, opt, batch, device, warmup, iters, cuda_graph=True)
+            rows.append(_train_step_row("mesh_vqvae_train_step", "fp32", train_batch, sec, device, compiled, graphed))
+    if device.type != "cuda" or not fused.available(batch["verts"]):
         return rows
     with environment({"VQHPS_FUSED_TRAIN": "1"}):
-        torch.manual_seed(cfg.seed)
-        model = compile_for(build_mesh_vqvae(cfg, body).to(device).train(), cfg, device)  # stays eager
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+        model, opt = fresh_model()  # stays eager
         for precision, dots in (("fp32", "ieee"), ("tf32x3", "tf32x3")):
             with fused.dot_precision(dots):
-                sec = _timed_train_step(model, opt, x, device, warmup, iters)
-            rows.append(_train_step_row("mesh_vqvae_train_step_fused", precision, train_batch, sec, device, False))
+                sec, _ = _timed_train_step(cfg, model, opt, batch, device, warmup, iters)
+            rows.append(_train_step_row("mesh_vqvae_train_step_fused", precision, train_batch, sec, device, False, False))
     return rows
 
 
-def _timed_train_step(model, opt, x: torch.Tensor, device: torch.device, warmup: int, iters: int,
-                      amp: bool = False) -> float:
-    """Seconds per optimisation step of ``model`` on the batch ``x`` (loss, backward, ``opt`` step; bf16
-    autocast with ``amp``); the peak-memory counter starts here."""
+def _timed_train_step(cfg, model, opt, batch: dict, device: torch.device, warmup: int, iters: int,
+                      amp: bool = False, cuda_graph: bool = False) -> tuple[float, bool]:
+    """Seconds per training step of ``model`` on ``batch`` (:func:`vqhps.train.make_train_step` with the
+    Mesh-VQ-VAE's loss; bf16 autocast with ``amp``; captured in a CUDA graph with ``cuda_graph`` where
+    cfg.runtime allows it) and whether it replayed a graph; the peak-memory counter starts here."""
+    from vqhps.train import make_train_step, replays_graph
+    from vqhps.vqvae_training import training_loss
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = model(x)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    runtime = dataclasses.replace(cfg.runtime, amp=amp)
+    step_fn = make_train_step(model, model, opt, None, training_loss, runtime, cuda_graph=cuda_graph)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    return timed(step, device, warmup=warmup, iters=iters)
+    # a graph step runs 3 eager warm-up calls, then captures on the 4th
+    sec = timed(lambda: step_fn(batch, 0), device, warmup=max(warmup, 5) if cuda_graph else warmup, iters=iters)
+    return sec, replays_graph(step_fn)
 
 
-def _train_step_row(what: str, precision: str, batch: int, sec: float, device: torch.device, compiled: bool) -> dict:
+def _train_step_row(what: str, precision: str, batch: int, sec: float, device: torch.device, compiled: bool,
+                    graphed: bool) -> dict:
     return {"what": what, "precision": precision, "batch": batch, "items_per_s": batch / sec,
-            "ms_per_batch": 1000 * sec, "peak_mb": _peak_mb(device), "compiled": compiled}
+            "ms_per_batch": 1000 * sec, "peak_mb": _peak_mb(device), "compiled": compiled,
+            "cuda_graph_train_step": graphed}
 
 
 def write_bench(rows: list[dict], out_dir: Path, name: str, extra: dict | None = None) -> Path:
@@ -463,7 +471,7 @@ def _annotated(rows: list[dict], kind: str, device: torch.device) -> list[dict]:
     out = []
     for r in rows:
         out.append({"what": r["what"], "kind": kind, "items_per_s": r["items_per_s"], "ratio_to_ceiling": None,
-                    "compiled": False, **r, "compile_mode": None, "cuda_graph_train_step": None,
+                    "compiled": False, "compile_mode": None, "cuda_graph_train_step": None, **r,
                     "channels_last": False, "torch": torch.__version__, "device": device_name(device)})
     return out
 

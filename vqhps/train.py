@@ -108,14 +108,33 @@ def new_iteration() -> None:
 
 def step_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     """Global-batch indices of ``step``: epochs are seeded permutations, the last partial batch dropped."""
+    epoch, pos = divmod(step, max(n // batch_size, 1))
+    return _epoch_permutation(n, seed, epoch)[pos * batch_size:(pos + 1) * batch_size]
+
+
+def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def device_step_indices(n: int, batch_size: int, seed: int, device: torch.device | str) -> Callable[[int], torch.Tensor]:
+    """``indices(step)``: this rank's share of :func:`step_indices` as a tensor on ``device``, with one
+    copy to the device per epoch rather than one per step (a copy from pageable host memory waits for
+    the GPU's queue to drain, so a copy every step keeps the CPU from running ahead)."""
     per_epoch = max(n // batch_size, 1)
-    epoch, pos = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[pos * batch_size:(pos + 1) * batch_size]
+    cached: dict[int, torch.Tensor] = {}
+
+    def indices(step: int) -> torch.Tensor:
+        epoch, pos = divmod(step, per_epoch)
+        if epoch not in cached:
+            cached.clear()
+            cached[epoch] = torch.as_tensor(_epoch_permutation(n, seed, epoch), device=device)
+        return rank_slice(cached[epoch][pos * batch_size:(pos + 1) * batch_size])
+
+    return indices
 
 
-def rank_slice(indices: np.ndarray, rank: int | None = None, world: int | None = None) -> np.ndarray:
-    """This rank's share of a global batch: the ``rank``-th of ``world`` equal contiguous parts
+def rank_slice(indices, rank: int | None = None, world: int | None = None):
+    """This rank's share of a global batch (an array or a tensor): the ``rank``-th of ``world`` equal contiguous parts
     (defaults: the running process). Raises ValueError when the batch does not split evenly."""
     info = current()
     rank = info.rank if rank is None else rank

@@ -35,7 +35,8 @@ class Quantized:
     loss: Tensor
     perplexity: Tensor
     counts: Tensor
-    n_restarted: int
+    #: codes restarted by this forward (a 0-d tensor on the device: reading it waits for the GPU)
+    n_restarted: Tensor
 
 
 def _distributed() -> bool:
@@ -50,6 +51,8 @@ class EMAQuantizer(nn.Module):
     fraction ``cluster_size / sum(cluster_size)`` falls below ``dead_code_threshold`` are restarted on
     random current inputs (torch's RNG). The codebook starts from random inputs of the first training
     batch unless :meth:`set_codebook` was called. Only the commitment loss reaches the encoder.
+    A training forward never waits for the GPU (no host synchronisation after the first batch), so the
+    host queues the decoder while the GPU still runs the encoder.
     """
 
     def __init__(self, codebook_size: int = 512, dim: int = 9, decay: float = 0.99, commitment: float = 0.25,
@@ -63,6 +66,11 @@ class EMAQuantizer(nn.Module):
         self.register_buffer("embed_sum", embed.clone())
         self.register_buffer("cluster_size", torch.ones(codebook_size))
         self.register_buffer("initialised", torch.tensor(False))
+        self._known_initialised = False  # host copy of ``initialised`` once it was read as True
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._known_initialised = False
+        super()._load_from_state_dict(*args, **kwargs)
 
     # ------------------------------------------------------------ codebook state
     @torch.no_grad()
@@ -93,14 +101,16 @@ class EMAQuantizer(nn.Module):
         """Quantise ``z`` (..., D); in training mode also update the codebook."""
         with torch.autocast(device_type=z.device.type, enabled=False):
             flat = z.float().reshape(-1, self.dim)
-            if self.training and not bool(self.initialised):
-                self._init_from(flat.detach())
+            if self.training and not self._known_initialised:
+                if not bool(self.initialised):
+                    self._init_from(flat.detach())
+                self._known_initialised = True
             ids = self.nearest(flat)
             zq = F.embedding(ids, self.embed).detach()
-            counts = torch.bincount(ids, minlength=self.codebook_size).float()
-            n_restarted = 0
+            counts = _code_counts(ids, self.codebook_size)
+            n_restarted = counts.new_zeros((), dtype=torch.long)
             if self.training:
-                self._ema_update(flat.detach(), ids)
+                self._ema_update(flat.detach(), ids, counts)
                 n_restarted = self._restart_dead(flat.detach())
             loss = self.commitment * F.mse_loss(flat, zq)
             perplexity = _perplexity(counts / counts.sum().clamp(min=1.0))
@@ -110,8 +120,8 @@ class EMAQuantizer(nn.Module):
                          counts=counts, n_restarted=n_restarted)
 
     @torch.no_grad()
-    def _ema_update(self, flat: Tensor, ids: Tensor) -> None:
-        counts = torch.bincount(ids, minlength=self.codebook_size).float()
+    def _ema_update(self, flat: Tensor, ids: Tensor, counts: Tensor) -> None:
+        counts = counts.clone()
         sums = torch.zeros_like(self.embed_sum).index_add_(0, ids, flat)
         if _distributed():
             dist.all_reduce(counts)
@@ -123,18 +133,17 @@ class EMAQuantizer(nn.Module):
         self.embed.copy_(self.embed_sum / smoothed.unsqueeze(1))
 
     @torch.no_grad()
-    def _restart_dead(self, flat: Tensor) -> int:
+    def _restart_dead(self, flat: Tensor) -> Tensor:
+        """Restart dead codes on distinct random inputs (where possible); returns how many. Masked
+        rather than indexed, so that the host never needs the count."""
         dead = self.usage() < self.dead_code_threshold
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return 0
-        fresh = flat[_sample_rows(len(flat), n_dead, flat.device)]
+        fresh = flat[_sample_rows(len(flat), self.codebook_size, flat.device)]
         mean_size = self.cluster_size.sum() / self.codebook_size
-        self.embed[dead] = fresh
-        self.cluster_size[dead] = mean_size
-        self.embed_sum[dead] = fresh * mean_size
+        self.embed.copy_(torch.where(dead[:, None], fresh, self.embed))
+        self.cluster_size.copy_(torch.where(dead, mean_size, self.cluster_size))
+        self.embed_sum.copy_(torch.where(dead[:, None], fresh * mean_size, self.embed_sum))
         self._broadcast()
-        return n_dead
+        return dead.sum()
 
     @torch.no_grad()
     def _init_from(self, flat: Tensor) -> None:
@@ -149,10 +158,17 @@ class EMAQuantizer(nn.Module):
 
 
 def _sample_rows(n: int, k: int, device: torch.device) -> Tensor:
-    """``k`` row indices out of ``n``: without replacement when possible."""
+    """``k`` row indices out of ``n`` drawn on ``device``: without replacement when possible."""
     if n >= k:
-        return torch.randperm(n)[:k].to(device)
-    return torch.randint(0, n, (k,)).to(device)
+        return torch.randperm(n, device=device)[:k]
+    return torch.randint(0, n, (k,), device=device)
+
+
+def _code_counts(ids: Tensor, codebook_size: int) -> Tensor:
+    """Assignments per code (K,) as floats; unlike ``torch.bincount`` on CUDA, which reads the
+    largest id back to the host, it never waits for the GPU."""
+    flat = ids.reshape(-1)
+    return torch.zeros(codebook_size, device=ids.device).index_add_(0, flat, torch.ones(flat.shape, device=ids.device))
 
 
 def _perplexity(p: Tensor) -> Tensor:
@@ -330,7 +346,7 @@ class MeshVQVAE(nn.Module):
         recon_loss = torch.linalg.vector_norm(recon.float() - verts.float(), dim=-1).mean()
         return {"recon": recon, "ids": q.ids, "loss": recon_loss + q.loss, "recon_loss": recon_loss,
                 "vq_loss": q.loss, "perplexity": q.perplexity,
-                "n_restarted": torch.tensor(q.n_restarted, device=recon.device)}
+                "n_restarted": q.n_restarted}
 
     # ------------------------------------------------------------ bookkeeping
     def checkpoint_meta(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from .data.corpus import corpus_batch
 from .data.datasets import canonical_targets
 from .mesh.hierarchy import build_hierarchy
 from .metrics import joints_from_centred
-from .train import TrainResult, device_of, rank_slice, step_indices, tf32_matmuls, train
+from .train import TrainResult, device_of, device_step_indices, rank_slice, tf32_matmuls, train
 from .vqvae import MeshVQVAE
 
 STAGES = ("pretrain", "finetune")
@@ -59,8 +59,10 @@ def compatibility(model: MeshVQVAE) -> dict:
     return {k: meta[k] for k in ("body_id", "hierarchy_hash", "architecture")}
 
 
-def _loss(model, batch: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-    out = model(batch)
+def training_loss(model, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+    """The loss :func:`train` minimises for a batch ``{"verts": canonical meshes (B, V, 3)}``, with the
+    scalars it logs."""
+    out = model(batch["verts"])
     return {"loss": out["loss"], "recon_mm": 1000.0 * out["recon_loss"].detach(),
             "vq": out["vq_loss"].detach(), "perplexity": out["perplexity"].detach()}
 
@@ -80,20 +82,22 @@ def train_stage(cfg, body, stage: str, stop_after: int | None = None,
     v = cfg.vqvae
     if stage == "pretrain":
         steps, lr = v.pretrain_steps, v.lr
-        batch_fn = lambda step: rank_slice_tensor(  # noqa: E731
-            corpus_batch(body, "train", step, v.batch_size, cfg.seed, device))
+        batch_fn = lambda step: {"verts": rank_slice(  # noqa: E731
+            corpus_batch(body, "train", step, v.batch_size, cfg.seed, device))}
     else:
         pre = load_checkpoint(checkpoint_dir(cfg) / "mesh_vqvae_pretrain.pt", expect=compatibility(model))
         model.load_state_dict(pre["model"])
         if train_meshes is None:
             raise ValueError("fine-tuning needs the benchmark's training poses and shapes (train_meshes)")
-        pose = torch.as_tensor(train_meshes["pose"])
-        shape = torch.as_tensor(train_meshes["shape"])
+        # the whole split lives on the device: no host-to-device copy inside the step
+        pose = torch.as_tensor(train_meshes["pose"], device=device)
+        shape = torch.as_tensor(train_meshes["shape"], device=device)
         steps, lr = v.finetune_steps, v.finetune_lr
+        indices = device_step_indices(len(pose), v.batch_size, cfg.seed, device)
 
-        def batch_fn(step: int) -> torch.Tensor:
-            idx = torch.as_tensor(rank_slice(step_indices(len(pose), v.batch_size, step, cfg.seed)))
-            return canonical_targets(body, pose[idx].to(device), shape[idx].to(device))
+        def batch_fn(step: int) -> dict[str, torch.Tensor]:
+            idx = indices(step)
+            return {"verts": canonical_targets(body, pose[idx], shape[idx])}
     compile_for(model, cfg, device)
     optimizer = torch.optim.Adam(parameter_groups(model, lr, v.readout_lr_scale), lr=lr, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
@@ -101,7 +105,7 @@ def train_stage(cfg, body, stage: str, stop_after: int | None = None,
                                                     pct_start=0.05, anneal_strategy="cos")
     runtime = dataclasses.replace(cfg.runtime, amp=cfg.runtime.amp and v.amp)
     with tf32_matmuls(v.tf32 and not runtime.amp):
-        result = train(f"mesh_vqvae_{stage}", model, optimizer, scheduler, batch_fn, _loss, steps,
+        result = train(f"mesh_vqvae_{stage}", model, optimizer, scheduler, batch_fn, training_loss, steps,
                        checkpoint_dir(cfg), runtime, meta=model.checkpoint_meta(), stop_after=stop_after)
     model.eval()
     return model, result
@@ -118,11 +122,6 @@ def parameter_groups(model: MeshVQVAE, lr: float, readout_lr_scale: float = 1.0)
     ids = {id(p) for p in readout.parameters()}
     return [{"params": [p for p in model.parameters() if id(p) not in ids], "lr": lr},
             {"params": list(readout.parameters()), "lr": lr * readout_lr_scale}]
-
-
-def rank_slice_tensor(batch: torch.Tensor) -> torch.Tensor:
-    """This rank's share of a generated global batch."""
-    return batch[torch.as_tensor(rank_slice(np.arange(len(batch))), device=batch.device)]
 
 
 def load_mesh_vqvae(cfg, body, stage: str = "finetune", device: torch.device | str = "cpu") -> MeshVQVAE:
