@@ -134,8 +134,9 @@ def device_step_indices(n: int, batch_size: int, seed: int, device: torch.device
 
 
 def rank_slice(indices, rank: int | None = None, world: int | None = None):
-    """This rank's share of a global batch (an array or a tensor): the ``rank``-th of ``world`` equal contiguous parts
-    (defaults: the running process). Raises ValueError when the batch does not split evenly."""
+    """This rank's share of a global batch (an array or a tensor): the ``rank``-th of ``world`` equal
+    contiguous parts (defaults: the running process). Raises ValueError when the batch does not split
+    evenly."""
     info = current()
     rank = info.rank if rank is None else rank
     world = info.world if world is None else world

@@ -121,9 +121,9 @@ class EMAQuantizer(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, flat: Tensor, ids: Tensor, counts: Tensor) -> None:
-        counts = counts.clone()
         sums = torch.zeros_like(self.embed_sum).index_add_(0, ids, flat)
         if _distributed():
+            counts = counts.clone()  # the batch's own counts stay this rank's
             dist.all_reduce(counts)
             dist.all_reduce(sums)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
