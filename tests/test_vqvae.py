@@ -150,6 +150,34 @@ def test_a_training_step_never_waits_for_the_gpu(sphere):
     assert torch.isfinite(out["loss"]).item()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs exist only on a GPU")
+def test_a_graphed_training_step_trains_to_the_eager_weights(sphere):
+    from vqhps.train import GraphedTrainStep, replays_graph, train_step
+    from vqhps.vqvae_training import parameter_groups, training_loss
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [{"verts": _deformed(sphere[0], 8, gen).cuda()} for _ in range(8)]
+
+    def setup():
+        torch.manual_seed(0)
+        model = _model(sphere, readout_hidden=16).cuda().train()
+        opt = torch.optim.Adam(parameter_groups(model, 1e-3, 0.1), lr=1e-3, fused=True)
+        return model, opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[1e-3, 1e-4], total_steps=len(batches))
+
+    eager, opt_e, sched_e = setup()
+    for step, batch in enumerate(batches):  # 3 eager warm-up steps, the captured one, 4 replays
+        torch.manual_seed(step)  # as the training loop does: the dead-code restarts draw from it
+        train_step(eager, eager, opt_e, sched_e, batch, training_loss, step, amp=False)
+    graphed, opt_g, sched_g = setup()
+    step_fn = GraphedTrainStep(graphed, graphed, opt_g, sched_g, training_loss, amp=False)
+    for step, batch in enumerate(batches):
+        torch.manual_seed(step)
+        step_fn(batch, step)
+    assert replays_graph(step_fn) and step_fn.failed is None
+    for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_first_training_batch_initialises_codebook():
     torch.manual_seed(0)
     q = EMAQuantizer(codebook_size=16, dim=3).train()
@@ -467,6 +495,24 @@ def test_mesh_vqvae_training_precision_follows_its_switches(monkeypatch, tmp_pat
     assert seen == {"amp": expected_amp, "tf32": expected_tf32} and cfg.runtime.amp is runtime_amp
     assert torch.backends.cuda.matmul.allow_tf32 is before
     assert load_config("full").vqvae.amp is False and load_config("full").vqvae.tf32 is False
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_mesh_vqvae_training_asks_for_a_cuda_graph_only_when_configured(monkeypatch, tmp_path, body, graph):
+    import vqhps.vqvae_training as vt
+    from vqhps.config import load_config
+
+    seen = {}
+
+    def fake_train(*args, cuda_graph=False, **kwargs):
+        seen["cuda_graph"] = cuda_graph
+        raise StopIteration
+
+    monkeypatch.setattr(vt, "train", fake_train)
+    monkeypatch.setenv("VQHPS_RESULTS_DIR", str(tmp_path))
+    with pytest.raises(StopIteration):
+        vt.train_stage(load_config("smoke", **{"vqvae.cuda_graph": graph}), body, "pretrain")
+    assert seen == {"cuda_graph": graph} and load_config("full").vqvae.cuda_graph is False
 
 
 def test_linear_reconstruction_errors_vanish_at_the_data_rank_and_match_a_hand_projection():

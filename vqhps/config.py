@@ -154,6 +154,10 @@ class VQVAEConfig:
     #: (19.4 against 24.2 ms at batch 64, compiled, H200), but the full schedule then reconstructs at
     #: 9.37 mm PVE against 8.24 and 8.62 mm for two fp32 runs of the same seed, so it is off
     tf32: bool = False
+    #: replay each training step from one CUDA graph (where ``runtime.cuda_graph`` allows it): the step
+    #: has no host synchronisation once the codebook is initialised. Off until a full-schedule run has
+    #: measured it (``python -m vqhps bench --only mesh_vqvae`` times one step both ways)
+    cuda_graph: bool = False
 
 
 @dataclass

@@ -106,7 +106,8 @@ def train_stage(cfg, body, stage: str, stop_after: int | None = None,
     runtime = dataclasses.replace(cfg.runtime, amp=cfg.runtime.amp and v.amp)
     with tf32_matmuls(v.tf32 and not runtime.amp):
         result = train(f"mesh_vqvae_{stage}", model, optimizer, scheduler, batch_fn, training_loss, steps,
-                       checkpoint_dir(cfg), runtime, meta=model.checkpoint_meta(), stop_after=stop_after)
+                       checkpoint_dir(cfg), runtime, meta=model.checkpoint_meta(), stop_after=stop_after,
+                       cuda_graph=v.cuda_graph)
     model.eval()
     return model, result
 
