@@ -209,7 +209,8 @@ def test_public_api_shapes(sphere):
     assert meta["config"]["codebook_size"] == 512
     assert meta["architecture"] == {"channels": (16, 32, 64), "latent_dim": 9, "codebook_size": 512,
                                     "n_basis": 9, "residual_rate": 0.5, "bottleneck_layers": 1,
-                                    "linear_readout": True, "readout_hidden": 1024, "linear_encoder": False}
+                                    "linear_readout": True, "readout_hidden": 2048, "readout_layers": 1,
+                                    "linear_encoder": False}
 
 
 def test_decode_latent_is_differentiable(sphere):
@@ -395,6 +396,23 @@ def test_readout_with_a_hidden_layer_starts_silent_then_adds_an_mlp(sphere):
 
     _assert_path_starts_silent_then_adds(plain, with_mlp, "decoder.readout", lambda m, z: m.decoder(z),
                                          torch.randn(2, 54, 9), by_hand)
+
+
+def test_readout_with_two_hidden_layers_starts_silent_then_adds_a_deeper_mlp(sphere):
+    torch.manual_seed(0)
+    plain, deep = _model(sphere, linear_readout=False), _model(sphere, readout_hidden=16, readout_layers=2)
+    widths = [(m.in_features, m.out_features) for m in deep.decoder.readout if isinstance(m, torch.nn.Linear)]
+    assert widths == [(54 * 9, 16), (16, 16), (16, 3 * plain.n_vertices)]
+
+    def by_hand(mlp, z):
+        hidden = F.gelu(z.reshape(2, -1) @ mlp[0].weight.t() + mlp[0].bias)
+        hidden = F.gelu(hidden @ mlp[2].weight.t() + mlp[2].bias)
+        return (hidden @ mlp[4].weight.t() + mlp[4].bias).reshape(2, -1, 3)
+
+    _assert_path_starts_silent_then_adds(plain, deep, "decoder.readout", lambda m, z: m.decoder(z),
+                                         torch.randn(2, 54, 9), by_hand)
+    with pytest.raises(ValueError, match="readout_layers"):
+        _model(sphere, readout_hidden=16, readout_layers=0)
 
 
 def test_readout_trains_at_its_own_learning_rate_through_the_one_cycle_schedule(sphere):

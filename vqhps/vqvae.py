@@ -22,7 +22,7 @@ from vqhps.mesh.hierarchy import MeshHierarchy
 
 #: config fields that define the weights (the rest only says how they were trained)
 ARCHITECTURE_FIELDS = ("channels", "latent_dim", "codebook_size", "n_basis", "residual_rate", "bottleneck_layers",
-                       "linear_readout", "readout_hidden", "linear_encoder")
+                       "linear_readout", "readout_hidden", "readout_layers", "linear_encoder")
 
 
 # ------------------------------------------------------------------------- quantiser
@@ -225,14 +225,15 @@ class MeshDecoder(nn.Module):
     """Mirror of :class:`MeshEncoder`: ``bottleneck_layers`` all-to-all convolutions at the bottom, one
     unpool per level up to the full mesh, then a conv to 3 channels without activation. With
     ``linear_readout``, a map from all tokens at once to every vertex is added to that output: linear,
-    or with ``readout_hidden`` > 0 an MLP with one hidden layer of that width."""
+    or with ``readout_hidden`` > 0 an MLP with ``readout_layers`` hidden layers of that width."""
 
     def __init__(self, hierarchy: MeshHierarchy, channels: tuple[int, ...], latent_dim: int, n_basis: int,
                  residual_rate: float, bottleneck_layers: int = 0, linear_readout: bool = False,
-                 readout_hidden: int = 0) -> None:
+                 readout_hidden: int = 0, readout_layers: int = 1) -> None:
         super().__init__()
         n_latent = hierarchy.sizes[-1] * latent_dim
-        self.readout = global_readout(n_latent, 3 * hierarchy.sizes[0], readout_hidden) if linear_readout else None
+        self.readout = (global_readout(n_latent, 3 * hierarchy.sizes[0], readout_hidden, readout_layers)
+                        if linear_readout else None)
         widths = level_widths(channels, latent_dim, bottleneck_layers)
         kw = dict(n_basis=n_basis, residual_rate=residual_rate)
         self.layers = nn.ModuleList([
@@ -254,12 +255,18 @@ class MeshDecoder(nn.Module):
         return out
 
 
-def global_readout(n_latent: int, n_out: int, hidden: int = 0) -> nn.Module:
+def global_readout(n_latent: int, n_out: int, hidden: int = 0, layers: int = 1) -> nn.Module:
     """All latent values -> every vertex offset: :func:`zero_linear`, or with ``hidden`` > 0 a GELU MLP
-    whose last layer is zero-initialised, so that the decoder still starts as its convolutions alone."""
+    of ``layers`` hidden layers whose last layer is zero-initialised, so that the decoder still starts
+    as its convolutions alone."""
     if hidden <= 0:
         return zero_linear(n_latent, n_out)
-    return nn.Sequential(nn.Linear(n_latent, hidden), nn.GELU(), zero_linear(hidden, n_out))
+    if layers < 1:
+        raise ValueError(f"vqvae.readout_layers must be at least 1 with readout_hidden > 0, got {layers}")
+    blocks: list[nn.Module] = []
+    for i in range(layers):
+        blocks += [nn.Linear(n_latent if i == 0 else hidden, hidden), nn.GELU()]
+    return nn.Sequential(*blocks, zero_linear(hidden, n_out))
 
 
 def zero_linear(n_in: int, n_out: int) -> nn.Linear:
@@ -296,7 +303,8 @@ class MeshVQVAE(nn.Module):
         self.register_buffer("scale", centred.square().sum(1).mean().sqrt().clamp(min=1e-8))
         args = (hierarchy, tuple(cfg.channels), cfg.latent_dim, cfg.n_basis, cfg.residual_rate, cfg.bottleneck_layers)
         self.encoder = MeshEncoder(*args, linear_encoder=cfg.linear_encoder)
-        self.decoder = MeshDecoder(*args, linear_readout=cfg.linear_readout, readout_hidden=cfg.readout_hidden)
+        self.decoder = MeshDecoder(*args, linear_readout=cfg.linear_readout, readout_hidden=cfg.readout_hidden,
+                                   readout_layers=cfg.readout_layers)
         self.quantizer = EMAQuantizer(cfg.codebook_size, cfg.latent_dim, cfg.ema_decay, cfg.commitment,
                                       cfg.dead_code_threshold)
         self._n_tokens = hierarchy.sizes[-1]
