@@ -155,27 +155,40 @@ def test_a_graphed_training_step_trains_to_the_eager_weights(sphere):
     from vqhps.train import GraphedTrainStep, replays_graph, train_step
     from vqhps.vqvae_training import parameter_groups, training_loss
 
+    # 16 meshes x 54 tokens >= 512 codes: the codebook starts from distinct inputs, so no two codes
+    # tie and the atomic adds' rounding cannot flip an assignment between eager and graphed runs
     gen = torch.Generator().manual_seed(0)
-    batches = [{"verts": _deformed(sphere[0], 8, gen).cuda()} for _ in range(8)]
+    batches = [{"verts": _deformed(sphere[0], 16, gen).cuda()} for _ in range(8)]
 
     def setup():
         torch.manual_seed(0)
         model = _model(sphere, readout_hidden=16).cuda().train()
         opt = torch.optim.Adam(parameter_groups(model, 1e-3, 0.1), lr=1e-3, fused=True)
-        return model, opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[1e-3, 1e-4], total_steps=len(batches))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[1e-3, 1e-4], total_steps=len(batches))
+        return model, opt, sched, {k: v.clone() for k, v in model.state_dict().items()}
 
-    eager, opt_e, sched_e = setup()
+    eager, opt_e, sched_e, start = setup()
+    eager_losses = []
     for step, batch in enumerate(batches):  # 3 eager warm-up steps, the captured one, 4 replays
         torch.manual_seed(step)  # as the training loop does: the dead-code restarts draw from it
-        train_step(eager, eager, opt_e, sched_e, batch, training_loss, step, amp=False)
-    graphed, opt_g, sched_g = setup()
+        losses = train_step(eager, eager, opt_e, sched_e, batch, training_loss, step, amp=False)
+        eager_losses.append(losses["loss"].item())
+    graphed, opt_g, sched_g, _ = setup()
     step_fn = GraphedTrainStep(graphed, graphed, opt_g, sched_g, training_loss, amp=False)
+    graphed_losses = []
     for step, batch in enumerate(batches):
         torch.manual_seed(step)
-        step_fn(batch, step)
+        graphed_losses.append(step_fn(batch, step)["loss"].item())
     assert replays_graph(step_fn) and step_fn.failed is None
-    for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    assert graphed_losses == pytest.approx(eager_losses, rel=1e-3)
+    # every tensor took the eager run's path: a stale learning rate or a step left out of the graph
+    # would leave it a large part of its update away
+    for name, a in eager.state_dict().items():
+        b, a0 = graphed.state_dict()[name], start[name]
+        if a.is_floating_point():
+            assert (b - a).norm() <= 0.02 * (a - a0).norm() + 1e-6, name
+        else:
+            assert torch.equal(a, b), name
 
 
 def test_first_training_batch_initialises_codebook():
