@@ -394,6 +394,35 @@ def _demo(args) -> int:
     return 0
 
 
+def _sweep_vae(args) -> int:
+    """Mesh-VQ-VAE trainings over a grid of settings, repeated; per-run and per-setting tables."""
+    from .sweep import plan, run_sweep, write_tables
+
+    cfg = _config(args)
+    runs = plan(args.grid, args.repeats)
+    if args.per_gpu < 1:
+        raise ValueError(f"--per-gpu must be at least 1, got {args.per_gpu}")
+    gpus = args.gpus
+    if gpus is None:
+        import torch
+
+        gpus = [str(i) for i in range(torch.cuda.device_count())]
+    devices = [g for g in gpus for _ in range(args.per_gpu)] or [None] * args.per_gpu
+    out = Path(args.out) if args.out else cfg.results_dir / "sweeps" / "mesh_vqvae"
+    print(f"{len(runs)} runs ({len(runs) // args.repeats} settings x {args.repeats} repeats), "
+          f"{len(devices)} at a time, under {out}")
+    status = run_sweep(runs, out, cfg.profile, cfg.seed, args.set, devices, progress=cfg.runtime.progress)
+    per_run, summary = write_tables(runs, out, cfg.profile, cfg.seed)
+    if len(summary):
+        cols = ["setting", "runs", "finetune_PVE_mm_mean", "finetune_PVE_mm_std", "finetune_train_s_mean"]
+        print(summary[cols].round(2).to_string(index=False))
+    print(f"written: {out / 'sweep_runs.csv'}, {out / 'sweep_summary.csv'}")
+    failed = {r.name: s for r, s in status.items() if s.startswith("failed")}
+    for name, s in failed.items():
+        print(f"error: run {name} {s}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _reproduce(args) -> int:
     from .reproduce import reproduce
 
@@ -427,6 +456,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", nargs="+", choices=("pretrain", "finetune"), default=["pretrain", "finetune"])
     p.add_argument("--corpus-meshes", type=int, default=0, metavar="N",
                    help="also measure the first N corpus training meshes (default 0: test split only)")
+
+    p = command("sweep-vae", _sweep_vae, "train and evaluate the Mesh-VQ-VAE for every combination of --grid values, "
+                "--repeats times each (seeds cfg.seed + repeat), spread over GPUs; tables sweep_runs.csv and "
+                "sweep_summary.csv (mean and spread per setting); --set applies to every run")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a config key and its values, e.g. --grid vqvae.readout_hidden=1024,2048 (repeatable: "
+                        "the product of all; none: the defaults alone)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per setting (default 2)")
+    p.add_argument("--gpus", nargs="*", default=None, metavar="ID",
+                   help="CUDA device ids to spread the runs over (default: every visible GPU; none: the CPU)")
+    p.add_argument("--per-gpu", type=int, default=1, help="runs sharing one GPU at a time (default 1)")
+    p.add_argument("--out", default=None, help="sweep folder (default results/<profile>/sweeps/mesh_vqvae); "
+                   "runs already evaluated there are skipped")
 
     p = command("train", _train, "train VQ-HPS on the benchmark with the fine-tuned Mesh-VQ-VAE")
     p.add_argument("--name", default="vqhps", help="run name: checkpoint and log file stem (a Table 2 ablation's "
