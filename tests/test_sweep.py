@@ -60,6 +60,23 @@ def _fake_run(out: Path, run: SweepRun, pve: float, wall: float) -> None:
                                                                        f"mesh_vqvae_{stage}.csv", index=False)
 
 
+def test_a_run_seeded_with_a_pretrained_model_gets_its_checkpoint_and_log_once(tmp_path):
+    from vqhps.sweep import seed_pretrained
+
+    source = tmp_path / "src" / "mesh_vqvae_pretrain.pt"
+    source.parent.mkdir()
+    source.write_bytes(b"weights")
+    source.with_suffix(".csv").write_text("step,wall_s\n100,4.0\n")
+    seed_pretrained(tmp_path / "run", "full", source)
+    checkpoints = tmp_path / "run" / "full" / "checkpoints"
+    assert (checkpoints / "mesh_vqvae_pretrain.pt").read_bytes() == b"weights"
+    assert (checkpoints / "mesh_vqvae_pretrain.csv").read_text().endswith("4.0\n")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["mesh_vqvae_pretrain.csv", "mesh_vqvae_pretrain.pt"]
+    (checkpoints / "mesh_vqvae_pretrain.csv").write_text("resumed")
+    seed_pretrained(tmp_path / "run", "full", source)  # a run's own files are never replaced
+    assert (checkpoints / "mesh_vqvae_pretrain.csv").read_text() == "resumed"
+
+
 def test_tables_give_each_runs_test_error_and_each_settings_mean_and_spread(tmp_path):
     runs = plan(["vqvae.a=1,2"], repeats=2)
     for run, pve in zip(runs[:3], (5.0, 7.0, 6.0)):  # setting a=2 has one run: its spread is unknown
@@ -96,6 +113,20 @@ def test_sweep_command_trains_two_smoke_settings_skips_them_when_rerun_and_repor
 
     assert main(argv) == 0  # both runs already evaluated: nothing runs again
     assert [p.stat().st_size for p in logs] == sizes
+
+    # fine-tuning settings over one pre-trained model: every run starts from it
+    pretrained = tmp_path / "runs" / "vqvae.readout_hidden=0_r0" / "smoke" / "checkpoints" / "mesh_vqvae_pretrain.pt"
+    ft = ["sweep-vae", "--profile", "smoke", "--grid", "vqvae.finetune_lr=1e-4,5e-4", "--repeats", "1", "--gpus",
+          "--out", str(tmp_path / "ft"), "--pretrained", str(pretrained), "--set", "vqvae.readout_hidden=0", *quick]
+    assert main(ft) == 0
+    ft_runs, source = pd.read_csv(tmp_path / "ft" / "sweep_runs.csv"), per_run.iloc[0]
+    assert ft_runs["pretrain_PVE_mm"].tolist() == pytest.approx([source["pretrain_PVE_mm"]] * 2, rel=1e-5)
+    assert ft_runs["pretrain_train_s"].tolist() == [source["pretrain_train_s"]] * 2
+    assert ft_runs["finetune_PVE_mm"].nunique() == 2
+    missing = ["sweep-vae", "--profile", "smoke", "--gpus", "--out", str(tmp_path / "none"),
+               "--pretrained", str(tmp_path / "missing.pt")]
+    assert main(missing) == 2
+    assert "missing.pt" in capsys.readouterr().err
 
     bad = ["sweep-vae", "--profile", "smoke", "--grid", "vqvae.no_such_field=1", "--repeats", "1", "--gpus",
            "--out", str(tmp_path / "bad"), *quick]

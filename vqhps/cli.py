@@ -411,7 +411,8 @@ def _sweep_vae(args) -> int:
     out = Path(args.out) if args.out else cfg.results_dir / "sweeps" / "mesh_vqvae"
     print(f"{len(runs)} runs ({len(runs) // args.repeats} settings x {args.repeats} repeats), "
           f"{len(devices)} at a time, under {out}")
-    status = run_sweep(runs, out, cfg.profile, cfg.seed, args.set, devices, progress=cfg.runtime.progress)
+    status = run_sweep(runs, out, cfg.profile, cfg.seed, args.set, devices, progress=cfg.runtime.progress,
+                       pretrained=args.pretrained)
     per_run, summary = write_tables(runs, out, cfg.profile, cfg.seed)
     if len(summary):
         cols = ["setting", "runs", "finetune_PVE_mm_mean", "finetune_PVE_mm_std", "finetune_train_s_mean"]
@@ -469,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-gpu", type=int, default=1, help="runs sharing one GPU at a time (default 1)")
     p.add_argument("--out", default=None, help="sweep folder (default results/<profile>/sweeps/mesh_vqvae); "
                    "runs already evaluated there are skipped")
+    p.add_argument("--pretrained", type=Path, default=None, metavar="PT",
+                   help="a finished mesh_vqvae_pretrain.pt that every run fine-tunes instead of pre-training its "
+                        "own (for grids over fine-tuning settings; the architecture must match)")
 
     p = command("train", _train, "train VQ-HPS on the benchmark with the fine-tuned Mesh-VQ-VAE")
     p.add_argument("--name", default="vqhps", help="run name: checkpoint and log file stem (a Table 2 ablation's "

@@ -12,6 +12,7 @@ import math
 import os
 import queue
 import re
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -104,13 +105,33 @@ def _table(out: Path, run: SweepRun, profile: str) -> Path:
     return run_dir(out, run) / profile / "tables" / "vae_reconstruction.csv"
 
 
+def seed_pretrained(folder: Path, profile: str, pretrained: Path) -> None:
+    """Start a run from a finished pre-training: its checkpoint (hard-linked where the filesystem allows,
+    else copied, then renamed into place) and its training log, so that only fine-tuning runs."""
+    checkpoints = folder / profile / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    for source in (pretrained, pretrained.with_suffix(".csv")):
+        target = checkpoints / f"mesh_vqvae_pretrain{source.suffix}"
+        if target.exists() or not source.is_file():
+            continue
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+
+
 def _execute(run: SweepRun, out: Path, profile: str, base_seed: int, shared: list[str],
-             devices: queue.Queue) -> tuple[SweepRun, str]:
+             devices: queue.Queue, pretrained: Path | None) -> tuple[SweepRun, str]:
     """Train and evaluate one run on a free device slot; the log goes to ``<run>/log.txt``."""
     device = devices.get()
     try:
         folder = run_dir(out, run)
         folder.mkdir(parents=True, exist_ok=True)
+        if pretrained is not None:
+            seed_pretrained(folder, profile, pretrained)
         env = dict(os.environ, VQHPS_RESULTS_DIR=str(folder))
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
@@ -127,10 +148,15 @@ def _execute(run: SweepRun, out: Path, profile: str, base_seed: int, shared: lis
 
 
 def run_sweep(runs: list[SweepRun], out: Path, profile: str, base_seed: int = 0, shared: list[str] | None = None,
-              devices: list[str | None] | None = None, progress: bool = True) -> dict[SweepRun, str]:
+              devices: list[str | None] | None = None, progress: bool = True,
+              pretrained: Path | None = None) -> dict[SweepRun, str]:
     """Run every run not yet evaluated (its table present: skipped), at most one per entry of
     ``devices`` at a time (a GPU id, repeated to share a GPU; ``None``: whatever the run would use).
-    Returns each run's status: ``ok``, ``done before`` or ``failed (...)``."""
+    With ``pretrained`` (a ``mesh_vqvae_pretrain.pt``), every run fine-tunes that model instead of
+    pre-training its own. Returns each run's status: ``ok``, ``done before`` or ``failed (...)``."""
+    if pretrained is not None and not Path(pretrained).is_file():
+        raise FileNotFoundError(f"pre-trained checkpoint not found: {pretrained}; pass a mesh_vqvae_pretrain.pt "
+                                "(python -m vqhps train-vae --stage pretrain writes one)")
     from tqdm.auto import tqdm
 
     devices = devices or [None]
@@ -140,7 +166,8 @@ def run_sweep(runs: list[SweepRun], out: Path, profile: str, base_seed: int = 0,
     status = {r: "done before" for r in runs if _table(out, r, profile).is_file()}
     todo = [r for r in runs if r not in status]
     with ThreadPoolExecutor(max_workers=len(devices)) as pool:
-        futures = [pool.submit(_execute, r, out, profile, base_seed, shared or [], slots) for r in todo]
+        futures = [pool.submit(_execute, r, out, profile, base_seed, shared or [], slots,
+                               None if pretrained is None else Path(pretrained)) for r in todo]
         for future in tqdm(futures, desc="sweep", disable=not progress or not futures):
             run, result = future.result()
             status[run] = result
