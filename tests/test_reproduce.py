@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from vqhps.reproduce import BackgroundJob, JobRunner, overlap_jobs
+from vqhps.reproduce import BackgroundJob, JobRunner, overlap_jobs, threads_per_process
 
 
 def _runner(tmp_path, jobs, scripts):
@@ -127,3 +127,8 @@ def test_environment_block_restores_values_and_absence(monkeypatch):
             assert os.environ["VQHPS_TEST_SET"] == "during" and os.environ["VQHPS_TEST_UNSET"] == "1"
             raise RuntimeError("a failing block restores too")
     assert os.environ["VQHPS_TEST_SET"] == "before" and "VQHPS_TEST_UNSET" not in os.environ
+
+
+def test_concurrent_trainings_share_the_cores_with_at_least_two_threads_each(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    assert [threads_per_process(n) for n in (0, 1, 4, 5, 40)] == [64, 64, 16, 12, 2]

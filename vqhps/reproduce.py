@@ -82,6 +82,13 @@ def overlap_jobs() -> tuple[BackgroundJob, ...]:
     )
 
 
+def threads_per_process(n_processes: int) -> int:
+    """CPU threads for each of ``n_processes`` trainings sharing this host: an equal share of the cores,
+    at least 2 (several trainings each at every core's width thrash: four at 64 threads each on a
+    64-core host stepped 4x slower than at 8)."""
+    return max(2, (os.cpu_count() or 4) // max(n_processes, 1))
+
+
 class JobRunner:
     """Starts ``BackgroundJob``s as child processes (logs under ``log_dir``) and tracks what is done."""
 
@@ -195,8 +202,7 @@ def reproduce(profile: str, nproc: int = 1, only: list[str] | None = None, overl
     started = time.perf_counter()
     if overlap:
         needed = tuple(j for j in overlap_jobs() if any(nb.name.startswith(j.needed_by) for nb in selected))
-        # each job's CPU threads: a share of the cores (several trainings each at every core's width thrash)
-        threads = max(2, (os.cpu_count() or 4) // max(len(needed), 1))
+        threads = threads_per_process(len(needed))
         jobs = JobRunner(needed, profile, cfg.results_dir / "logs" / "jobs", threads, origin=started)
         # notebooks not selected and jobs no selected notebook needs: done by an earlier run
         jobs.done.update([nb.name[:2] for nb in notebooks() if nb not in selected]

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from .checkpoint import atomic_write
+from .reproduce import threads_per_process
+
 #: columns of the per-run table taken from ``evaluate-vae``'s test-split rows, per stage
 _METRICS = ("PVE_mm", "PVE_continuous_mm", "MPJPE_mm")
 
@@ -107,32 +110,31 @@ def _table(out: Path, run: SweepRun, profile: str) -> Path:
 
 def seed_pretrained(folder: Path, profile: str, pretrained: Path) -> None:
     """Start a run from a finished pre-training: its checkpoint (hard-linked where the filesystem allows,
-    else copied, then renamed into place) and its training log, so that only fine-tuning runs."""
+    else copied through :func:`atomic_write`) and its training log, so that only fine-tuning runs."""
     checkpoints = folder / profile / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     for source in (pretrained, pretrained.with_suffix(".csv")):
         target = checkpoints / f"mesh_vqvae_pretrain{source.suffix}"
         if target.exists() or not source.is_file():
             continue
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.unlink(missing_ok=True)
         try:
-            os.link(source, tmp)
+            os.link(source, target)
         except OSError:
-            shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+            with open(source, "rb") as src:
+                atomic_write(target, lambda f, src=src: shutil.copyfileobj(src, f))
 
 
 def _execute(run: SweepRun, out: Path, profile: str, base_seed: int, shared: list[str],
-             devices: queue.Queue, pretrained: Path | None) -> tuple[SweepRun, str]:
-    """Train and evaluate one run on a free device slot; the log goes to ``<run>/log.txt``."""
+             devices: queue.Queue, pretrained: Path | None, threads: int) -> tuple[SweepRun, str]:
+    """Train and evaluate one run on a free device slot with ``threads`` CPU threads; the log goes to
+    ``<run>/log.txt``."""
     device = devices.get()
     try:
         folder = run_dir(out, run)
         folder.mkdir(parents=True, exist_ok=True)
         if pretrained is not None:
             seed_pretrained(folder, profile, pretrained)
-        env = dict(os.environ, VQHPS_RESULTS_DIR=str(folder))
+        env = dict(os.environ, VQHPS_RESULTS_DIR=str(folder), OMP_NUM_THREADS=str(threads))
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
         with open(folder / "log.txt", "a") as log:
@@ -166,8 +168,9 @@ def run_sweep(runs: list[SweepRun], out: Path, profile: str, base_seed: int = 0,
     status = {r: "done before" for r in runs if _table(out, r, profile).is_file()}
     todo = [r for r in runs if r not in status]
     with ThreadPoolExecutor(max_workers=len(devices)) as pool:
+        threads = threads_per_process(len(devices))
         futures = [pool.submit(_execute, r, out, profile, base_seed, shared or [], slots,
-                               None if pretrained is None else Path(pretrained)) for r in todo]
+                               None if pretrained is None else Path(pretrained), threads) for r in todo]
         for future in tqdm(futures, desc="sweep", disable=not progress or not futures):
             run, result = future.result()
             status[run] = result
@@ -212,12 +215,9 @@ def summarise(per_run: pd.DataFrame) -> pd.DataFrame:
 
 def write_tables(runs: list[SweepRun], out: Path, profile: str,
                  base_seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``<out>/sweep_runs.csv`` and ``<out>/sweep_summary.csv`` (each written whole, then renamed)."""
+    """``<out>/sweep_runs.csv`` and ``<out>/sweep_summary.csv`` (each through :func:`atomic_write`)."""
     per_run = collect(runs, out, profile, base_seed)
     summary = summarise(per_run) if len(per_run) else pd.DataFrame()
-    out.mkdir(parents=True, exist_ok=True)
     for table, name in ((per_run, "sweep_runs.csv"), (summary, "sweep_summary.csv")):
-        tmp = out / f".{name}.tmp"
-        table.to_csv(tmp, index=False)
-        os.replace(tmp, out / name)
+        atomic_write(out / name, lambda f, table=table: f.write(table.to_csv(index=False).encode()))
     return per_run, summary
