@@ -203,7 +203,7 @@ def test_first_training_batch_initialises_codebook():
 # --------------------------------------------------------------------------- model
 def test_public_api_shapes(sphere):
     torch.manual_seed(0)
-    model = _model(sphere).eval()
+    model = _model(sphere, readout_hidden=256).eval()
     template, h = sphere
     verts = _deformed(template, 3, torch.Generator().manual_seed(0))
     ids = model.encode(verts)
@@ -222,7 +222,7 @@ def test_public_api_shapes(sphere):
     assert meta["config"]["codebook_size"] == 512
     assert meta["architecture"] == {"channels": (16, 32, 64), "latent_dim": 9, "codebook_size": 512,
                                     "n_basis": 9, "residual_rate": 0.5, "bottleneck_layers": 1,
-                                    "linear_readout": True, "readout_hidden": 2048, "readout_layers": 1,
+                                    "linear_readout": True, "readout_hidden": 256, "readout_layers": 1,
                                     "linear_encoder": False}
 
 
