@@ -200,6 +200,50 @@ def test_cuda_graph_step_trains_to_the_eager_weights_and_follows_the_schedule():
     assert torch.isfinite(losses["loss"]) and "grad_norm" in losses
 
 
+def test_settings_a_captured_step_holds_fixed_are_the_ones_a_one_cycle_schedule_moves():
+    from vqhps.train import changed_optimizer_settings, optimizer_settings
+
+    model = torch.nn.Linear(4, 1)
+    adam = torch.optim.Adam(model.parameters(), lr=1e-2)
+    one_cycle = torch.optim.lr_scheduler.OneCycleLR(adam, max_lr=1e-2, total_steps=10)
+    before = optimizer_settings(adam)
+    adam.step()
+    one_cycle.step()
+    assert changed_optimizer_settings(before, adam) == ["group 0: betas"]  # momentum cycles with the rate
+
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    step_lr = torch.optim.lr_scheduler.StepLR(adamw, step_size=1, gamma=0.5)
+    before = optimizer_settings(adamw)
+    for _ in range(3):
+        adamw.step()
+        step_lr.step()
+    assert adamw.param_groups[0]["lr"] == pytest.approx(1.25e-3)  # the learning rate reaches the graph as a tensor
+    assert changed_optimizer_settings(before, adamw) == []
+    adamw.param_groups[0]["weight_decay"] = 0.5
+    assert changed_optimizer_settings(before, adamw) == ["group 0: weight_decay"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs exist only on a GPU")
+def test_cuda_graph_step_whose_momentum_cycles_falls_back_to_the_eager_weights():
+    from vqhps.train import GraphedTrainStep, replays_graph, train_step
+
+    def setup():
+        model, optimizer, _ = _graph_setup()
+        return model, optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=10)
+
+    eager, opt_e, sched_e = setup()
+    for s in range(8):
+        train_step(eager, eager, opt_e, sched_e, {k: v.cuda() for k, v in batch_fn(s).items()}, loss_fn, s, amp=False)
+    graphed, opt_g, sched_g = setup()
+    step = GraphedTrainStep(graphed, graphed, opt_g, sched_g, loss_fn, amp=False)
+    with pytest.warns(UserWarning, match="betas"):
+        for s in range(8):
+            step({k: v.cuda() for k, v in batch_fn(s).items()}, s)
+    assert "betas" in step.failed and not replays_graph(step)
+    for a, b in zip(eager.parameters(), graphed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs exist only on a GPU")
 def test_cuda_graph_step_that_reads_the_gpu_falls_back_to_eager_steps():
     from vqhps.train import GraphedTrainStep, replays_graph

@@ -159,8 +159,9 @@ class VQVAEConfig:
     #: 9.37 mm PVE against 8.24 and 8.62 mm for two fp32 runs of the same seed, so it is off
     tf32: bool = False
     #: replay each training step from one CUDA graph (where ``runtime.cuda_graph`` allows it): the step
-    #: has no host synchronisation once the codebook is initialised. Off until a full-schedule run has
-    #: measured it (``python -m vqhps bench --only mesh_vqvae`` times one step both ways)
+    #: has no host synchronisation once the codebook is initialised. The one-cycle schedule also cycles
+    #: Adam's momentum, which a graph holds fixed, so training leaves the graph for eager steps after the
+    #: capture (with a warning); off (``python -m vqhps bench --only mesh_vqvae`` times one step both ways)
     cuda_graph: bool = False
 
 

@@ -204,6 +204,9 @@ class GraphedTrainStep:
     is captured; each call copies its batch into the static tensors the graph reads, replays, then
     steps the scheduler on the host. Learning rates reach the graph through device tensors, refreshed
     from the (float) param-group values before a replay, so schedulers and checkpoints are unchanged.
+    Every other optimizer setting is a constant of the graph: when a scheduler changes one (OneCycleLR
+    cycles Adam's ``betas``), the step falls back to eager steps with a warning rather than replay
+    stale values (:func:`changed_optimizer_settings`).
     The returned losses are the graph's outputs: read them before the next call. A step that cannot
     be captured (a host synchronisation, a data-dependent shape) falls back to eager steps, warning
     once. Calls take the same arguments as :func:`train_step` minus the models and optimizer.
@@ -223,6 +226,7 @@ class GraphedTrainStep:
         self.static_losses: dict[str, torch.Tensor] = {}
         self.lr_tensors: list[torch.Tensor] = []
         self.lr_values: list[float] = []
+        self.captured_settings: list[dict] = []
 
     def _eager(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         return train_step(self.wrapped, self.model, self.optimizer, self.scheduler, batch, self.loss_fn, step,
@@ -247,6 +251,12 @@ class GraphedTrainStep:
                 warnings.warn(f"training step not captured in a CUDA graph ({self.failed}); running eagerly")
                 return self._eager(batch, step)
         else:
+            changed = changed_optimizer_settings(self.captured_settings, self.optimizer)
+            if changed:
+                self.graph, self.failed = None, f"optimizer settings changed after the capture: {', '.join(changed)}"
+                warnings.warn(f"CUDA-graph training step left for eager steps ({self.failed}); the graph holds "
+                              "every setting but the learning rate fixed")
+                return self._eager(batch, step)
             self._load(batch)
         self._refresh_lr()
         self.graph.replay()
@@ -275,6 +285,7 @@ class GraphedTrainStep:
         groups = self.optimizer.param_groups
         self.lr_values = [float(g["lr"]) for g in groups]
         self.lr_tensors = [torch.tensor(v, dtype=torch.float32, device=self.device) for v in self.lr_values]
+        self.captured_settings = optimizer_settings(self.optimizer)
         saved = [(g["lr"], g.get("capturable", False)) for g in groups]
         graph = torch.cuda.CUDAGraph()
         try:
@@ -287,6 +298,22 @@ class GraphedTrainStep:
             for g, (lr, capturable) in zip(groups, saved):
                 g["lr"], g["capturable"] = lr, capturable
         self.graph, self.static_losses = graph, losses
+
+
+def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each param group's settings but its parameters and learning rate: what a captured optimizer step
+    holds as constants."""
+    return [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in optimizer.param_groups]
+
+
+def changed_optimizer_settings(captured: list[dict], optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names (``group i: key``) of the settings of :func:`optimizer_settings` that differ from ``captured``."""
+    def same(a, b) -> bool:
+        return a is b if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else a == b
+
+    now = optimizer_settings(optimizer)
+    return [f"group {i}: {key}" for i, (old, new) in enumerate(zip(captured, now))
+            for key in sorted(old.keys() | new.keys()) if key not in old or key not in new or not same(old[key], new[key])]
 
 
 def make_train_step(wrapped: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
