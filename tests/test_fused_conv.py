@@ -177,7 +177,8 @@ for train in (False, True):
 sphere = trimesh.creation.icosphere(subdivisions=2)
 hierarchy = build_hierarchy(sphere.vertices, sphere.faces, level_sizes=(80, 40, 20), bottom_size=20)
 model = MeshVQVAE(torch.as_tensor(sphere.vertices, dtype=torch.float32), hierarchy,
-                  VQVAEConfig(channels=(4, 8, 8), latent_dim=3, codebook_size=8, bottleneck_layers=1))
+                  VQVAEConfig(channels=(4, 8, 8), latent_dim=3, codebook_size=8, bottleneck_layers=1,
+                              readout_hidden=16))
 with torch.no_grad():
     for p in model.parameters():
         p.add_(0.1 * torch.randn_like(p))  # the bottleneck layers start with zero coefficients

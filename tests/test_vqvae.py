@@ -13,7 +13,7 @@ from vqhps.config import VQVAEConfig
 from vqhps.mesh.hierarchy import build_hierarchy
 from vqhps.vqvae import EMAQuantizer, MeshVQVAE
 
-SMALL = dict(channels=(16, 32, 64))
+SMALL = dict(channels=(16, 32, 64), readout_hidden=256)  # the readout of the full profile, narrower
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +205,7 @@ def test_first_training_batch_initialises_codebook():
 # --------------------------------------------------------------------------- model
 def test_public_api_shapes(sphere):
     torch.manual_seed(0)
-    model = _model(sphere, readout_hidden=256).eval()
+    model = _model(sphere).eval()
     template, h = sphere
     verts = _deformed(template, 3, torch.Generator().manual_seed(0))
     ids = model.encode(verts)
