@@ -13,7 +13,7 @@ from vqhps.config import VQVAEConfig
 from vqhps.mesh.hierarchy import build_hierarchy
 from vqhps.vqvae import EMAQuantizer, MeshVQVAE
 
-SMALL = dict(channels=(16, 32, 64), readout_hidden=256)  # the readout of the full profile, narrower
+SMALL = dict(channels=(16, 32, 64), readout_hidden=256)  # narrower than the full profile: the tests need no width
 
 
 @pytest.fixture(scope="module")

@@ -309,7 +309,7 @@ def smoke() -> Config:
         ),
         # a quarter of the full channels: the per-vertex kernels are (N, K * C_in, C_out), so a CPU step
         # costs 3.5x less than at half (16, 32, 64); every layer and both stages still run. The readout's
-        # hidden layer is narrowed for the same reason (1024 x 40,044 output weights at full width)
+        # hidden layer is narrowed for the same reason (4096 x 40,044 output weights at full width)
         vqvae=VQVAEConfig(channels=(8, 16, 32), readout_hidden=128, batch_size=8, lr=2e-3, pretrain_steps=120,
                           finetune_steps=40, finetune_lr=5e-4),
         # no dropout: the CPU's fused attention takes none, and with it FastMETRO's attention over its 431
