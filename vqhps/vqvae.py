@@ -49,7 +49,7 @@ class EMAQuantizer(nn.Module):
     Training-mode forwards update the codebook: ``cluster_size`` and ``embed_sum`` follow EMAs of the
     assignment counts and sums, ``embed = embed_sum / laplace(cluster_size)``. Codes whose EMA usage
     fraction ``cluster_size / sum(cluster_size)`` falls below ``dead_code_threshold`` are restarted on
-    random current inputs (torch's RNG). The codebook starts from random inputs of the first training
+    random current inputs (torch's RNG; a threshold of 0 restarts nothing). The codebook starts from random inputs of the first training
     batch unless :meth:`set_codebook` was called. Only the commitment loss reaches the encoder.
     A training forward never waits for the GPU (no host synchronisation after the first batch), so the
     host queues the decoder while the GPU still runs the encoder.
@@ -111,7 +111,8 @@ class EMAQuantizer(nn.Module):
             n_restarted = counts.new_zeros((), dtype=torch.long)
             if self.training:
                 self._ema_update(flat.detach(), ids, counts)
-                n_restarted = self._restart_dead(flat.detach())
+                if self.dead_code_threshold > 0:
+                    n_restarted = self._restart_dead(flat.detach())
             loss = self.commitment * F.mse_loss(flat, zq)
             perplexity = _perplexity(counts / counts.sum().clamp(min=1.0))
         zq = zq.reshape(z.shape).to(z.dtype)

@@ -87,6 +87,7 @@ def train_stage(cfg, body, stage: str, stop_after: int | None = None,
     else:
         pre = load_checkpoint(checkpoint_dir(cfg) / "mesh_vqvae_pretrain.pt", expect=compatibility(model))
         model.load_state_dict(pre["model"])
+        model.quantizer.dead_code_threshold = v.finetune_dead_code_threshold
         if train_meshes is None:
             raise ValueError("fine-tuning needs the benchmark's training poses and shapes (train_meshes)")
         # the whole split lives on the device: no host-to-device copy inside the step
@@ -188,15 +189,17 @@ def reconstruction_summary(model: MeshVQVAE, meshes: torch.Tensor, regressor17: 
     return Reconstruction(summary, recon, per_vertex, ids)
 
 
-def evaluation_meshes(cfg, body, corpus_meshes: int = 0) -> dict[str, torch.Tensor]:
-    """Canonical meshes (on the CPU) to measure reconstruction on: the benchmark's test split and, with
+def evaluation_meshes(cfg, body, corpus_meshes: int = 0, splits: tuple[str, ...] = ("test",)) -> dict[str, torch.Tensor]:
+    """Canonical meshes (on the CPU) to measure reconstruction on: the benchmark's ``splits`` and, with
     ``corpus_meshes`` > 0, the first that many corpus training meshes (those pre-training sees first)."""
     from .data import synthetic
 
-    test = synthetic.split_meshes(cfg, "test")
     device = body.template.device
-    sets = {"test": canonical_targets(body, torch.as_tensor(test["pose"]).to(device),
-                                      torch.as_tensor(test["shape"]).to(device)).cpu()}
+    sets = {}
+    for split in splits:
+        arrays = synthetic.split_meshes(cfg, split)
+        sets[split] = canonical_targets(body, torch.as_tensor(arrays["pose"]).to(device),
+                                        torch.as_tensor(arrays["shape"]).to(device)).cpu()
     if corpus_meshes > 0:
         batch = cfg.vqvae.batch_size
         steps = -(-corpus_meshes // batch)
