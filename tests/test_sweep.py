@@ -51,9 +51,10 @@ def _fake_run(out: Path, run: SweepRun, pve: float, wall: float) -> None:
     folder = run_dir(out, run) / "full"
     (folder / "tables").mkdir(parents=True)
     (folder / "checkpoints").mkdir(parents=True)
-    rows = [{"stage": st, "meshes": m, "n_meshes": 5, "PVE_mm": pve + (st == "pretrain") + 10 * (m != "test"),
+    rows = [{"stage": st, "meshes": m, "n_meshes": 5,
+             "PVE_mm": pve + (st == "pretrain") + {"test": 0, "val": 0.25, "corpus_train": 10}[m],
              "PVE_continuous_mm": pve - 1, "MPJPE_mm": pve + 0.5}
-            for st in ("pretrain", "finetune") for m in ("test", "corpus_train")]
+            for st in ("pretrain", "finetune") for m in ("test", "val", "corpus_train")]
     pd.DataFrame(rows).to_csv(folder / "tables" / "vae_reconstruction.csv", index=False)
     for stage, w in (("pretrain", wall), ("finetune", wall / 4)):
         pd.DataFrame({"step": [50, 100], "wall_s": [w / 2, w]}).to_csv(folder / "checkpoints" /
@@ -86,11 +87,13 @@ def test_tables_give_each_runs_test_error_and_each_settings_mean_and_spread(tmp_
     first = per_run.iloc[0]
     assert (first["finetune_PVE_mm"], first["pretrain_PVE_mm"], first["finetune_PVE_continuous_mm"],
             first["finetune_MPJPE_mm"]) == (5.0, 6.0, 4.0, 5.5)  # test rows, not corpus rows
+    assert (first["finetune_val_PVE_mm"], first["pretrain_val_PVE_mm"]) == (5.25, 6.25)  # and validation rows
     assert (first["pretrain_train_s"], first["finetune_train_s"]) == (400.0, 100.0)
     summary = summarise(per_run).set_index("setting")
     a1, a2 = summary.loc["vqvae.a=1"], summary.loc["vqvae.a=2"]
     assert a1["runs"] == 2 and a1["finetune_PVE_mm_mean"] == pytest.approx(5.5)
     assert a1["finetune_PVE_mm_std"] == pytest.approx(math.sqrt(0.5))  # sample std of 5 and 6
+    assert a1["finetune_val_PVE_mm_mean"] == pytest.approx(5.75)
     assert a2["runs"] == 1 and a2["finetune_PVE_mm_mean"] == 7.0 and math.isnan(a2["finetune_PVE_mm_std"])
     assert list(summary.index) == ["vqvae.a=1", "vqvae.a=2"]
 
@@ -106,6 +109,7 @@ def test_sweep_command_trains_two_smoke_settings_skips_them_when_rerun_and_repor
     per_run = pd.read_csv(tmp_path / "sweep_runs.csv")
     assert list(per_run["setting"]) == ["vqvae.readout_hidden=0", "vqvae.readout_hidden=16"]
     assert per_run["finetune_PVE_mm"].between(0.1, 1000).all() and (per_run["pretrain_train_s"] > 0).all()
+    assert per_run["finetune_val_PVE_mm"].between(0.1, 1000).all()
     assert len(pd.read_csv(tmp_path / "sweep_summary.csv")) == 2
     logs = sorted((tmp_path / "runs").glob("*/log.txt"))
     sizes = [p.stat().st_size for p in logs]

@@ -119,6 +119,19 @@ def test_a_restart_moves_only_dead_codes_each_onto_its_own_input():
     assert q.cluster_size[1:].tolist() == pytest.approx([36 / 8] * 7)  # the mean size
 
 
+def test_a_zero_threshold_restarts_no_code_however_unused():
+    torch.manual_seed(0)
+    q = EMAQuantizer(codebook_size=8, dim=3, decay=0.5, dead_code_threshold=0.0).train()
+    q.set_codebook(torch.cat([torch.zeros(1, 3), 100.0 + torch.arange(21.0).reshape(7, 3)]))
+    z = 0.1 * torch.randn(64, 3)
+    restarted = sum(int(q(z).n_restarted) for _ in range(5))
+    # every input picks code 0; the seven unused codes stay where they were, far from every input
+    # (the EMA's Laplace smoothing moves them by less than 0.1%)
+    assert restarted == 0 and q.usage()[1:].max() < 0.05
+    torch.testing.assert_close(q.embed[1:], 100.0 + torch.arange(21.0).reshape(7, 3), rtol=1e-3, atol=0)
+    assert torch.cdist(q.embed[1:], z).min() > 100
+
+
 def test_loading_an_uninitialised_state_initialises_from_the_next_batch_again():
     torch.manual_seed(0)
     q = EMAQuantizer(codebook_size=16, dim=3).train()
@@ -312,14 +325,17 @@ def test_evaluate_vae_command_writes_both_stages_and_names_a_missing_checkpoint(
     monkeypatch.setenv("VQHPS_RESULTS_DIR", str(smoke_artifacts.paths.results))
     assert main(["evaluate-vae", "--profile", "smoke", "--corpus-meshes", "10"]) == 0
     table = pd.read_csv(smoke_artifacts.results_dir / "tables" / "vae_reconstruction.csv")
+    n_test, n_val = smoke_artifacts.data.n_test, smoke_artifacts.data.n_val
     assert list(zip(table.stage, table.meshes, table.n_meshes)) == [
-        ("pretrain", "test", smoke_artifacts.data.n_test), ("pretrain", "corpus_train", 10),
-        ("finetune", "test", smoke_artifacts.data.n_test), ("finetune", "corpus_train", 10)]
-    meshes = evaluation_meshes(smoke_artifacts, body)["test"]
-    expected = reconstruction_summary(load_mesh_vqvae(smoke_artifacts, body, "finetune"), meshes, body.regressor17)
-    row = table[(table.stage == "finetune") & (table.meshes == "test")].iloc[0]
-    for key, value in expected.summary.items():
-        assert row[key] == pytest.approx(value, rel=1e-4)
+        ("pretrain", "test", n_test), ("pretrain", "val", n_val), ("pretrain", "corpus_train", 10),
+        ("finetune", "test", n_test), ("finetune", "val", n_val), ("finetune", "corpus_train", 10)]
+    meshes = evaluation_meshes(smoke_artifacts, body, splits=("test", "val"))
+    model = load_mesh_vqvae(smoke_artifacts, body, "finetune")
+    for split in ("test", "val"):
+        expected = reconstruction_summary(model, meshes[split], body.regressor17)
+        row = table[(table.stage == "finetune") & (table.meshes == split)].iloc[0]
+        for key, value in expected.summary.items():
+            assert row[key] == pytest.approx(value, rel=1e-4)
     capsys.readouterr()
     monkeypatch.setenv("VQHPS_RESULTS_DIR", str(tmp_path))
     assert main(["evaluate-vae", "--profile", "smoke", "--stages", "finetune"]) == 2
@@ -546,6 +562,32 @@ def test_mesh_vqvae_training_asks_for_a_cuda_graph_only_when_configured(monkeypa
     with pytest.raises(StopIteration):
         vt.train_stage(load_config("smoke", **{"vqvae.cuda_graph": graph}), body, "pretrain")
     assert seen == {"cuda_graph": graph} and load_config("full").vqvae.cuda_graph is False
+
+
+def test_fine_tuning_restarts_codes_at_its_own_threshold(monkeypatch, smoke_artifacts, body):
+    """Pre-training restarts dead codes at vqvae.dead_code_threshold, fine-tuning at
+    vqvae.finetune_dead_code_threshold (0 by default: its codes stay where the decoder learned them)."""
+    import dataclasses
+
+    import vqhps.vqvae_training as vt
+    from vqhps.config import load_config
+    from vqhps.data import synthetic
+
+    seen = {}
+
+    def fake_train(name, model, *args, **kwargs):
+        seen[name] = model.quantizer.dead_code_threshold
+        raise StopIteration
+
+    monkeypatch.setattr(vt, "train", fake_train)
+    cfg = dataclasses.replace(smoke_artifacts, vqvae=dataclasses.replace(
+        smoke_artifacts.vqvae, dead_code_threshold=2e-3, finetune_dead_code_threshold=5e-4))
+    for stage in ("pretrain", "finetune"):
+        with pytest.raises(StopIteration):
+            vt.train_stage(cfg, body, stage, train_meshes=synthetic.split_meshes(cfg, "train"))
+    assert seen == {"mesh_vqvae_pretrain": 2e-3, "mesh_vqvae_finetune": 5e-4}
+    full = load_config("full").vqvae
+    assert full.finetune_dead_code_threshold == 0.0 < full.dead_code_threshold
 
 
 def test_linear_reconstruction_errors_vanish_at_the_data_rank_and_match_a_hand_projection():

@@ -171,7 +171,7 @@ def _train_vae(args) -> int:
 
 def _evaluate_vae(args) -> int:
     """Reconstruction error (mm) of the trained Mesh-VQ-VAE stages, from the nearest codes and from the
-    continuous latent, on the test split (and corpus training meshes)."""
+    continuous latent, on the test and validation splits (and corpus training meshes)."""
     import pandas as pd
 
     from .body import load_body
@@ -181,7 +181,7 @@ def _evaluate_vae(args) -> int:
 
     cfg = _config(args)
     if args.corpus_meshes < 0:
-        raise ValueError(f"--corpus-meshes must be 0 (test split only) or a number of meshes, got {args.corpus_meshes}")
+        raise ValueError(f"--corpus-meshes must be 0 (the splits only) or a number of meshes, got {args.corpus_meshes}")
     for stage in args.stages:
         path = checkpoint_dir(cfg) / f"mesh_vqvae_{stage}.pt"
         if not path.is_file():
@@ -189,7 +189,7 @@ def _evaluate_vae(args) -> int:
                                     f"`python -m vqhps train-vae --profile {cfg.profile} --stage {stage}`")
     device = device_of(cfg.runtime)
     body = load_body(cfg).to(device)
-    sets = evaluation_meshes(cfg, body, args.corpus_meshes)
+    sets = evaluation_meshes(cfg, body, args.corpus_meshes, splits=("test", "val"))
     rows = []
     for stage in args.stages:
         model = load_mesh_vqvae(cfg, body, stage, device)
@@ -415,8 +415,9 @@ def _sweep_vae(args) -> int:
                        pretrained=args.pretrained)
     per_run, summary = write_tables(runs, out, cfg.profile, cfg.seed)
     if len(summary):
-        cols = ["setting", "runs", "finetune_PVE_mm_mean", "finetune_PVE_mm_std", "finetune_train_s_mean"]
-        print(summary[cols].round(2).to_string(index=False))
+        cols = ["setting", "runs", "finetune_val_PVE_mm_mean", "finetune_PVE_mm_mean", "finetune_PVE_mm_std",
+                "finetune_train_s_mean"]
+        print(summary[[c for c in cols if c in summary.columns]].round(2).to_string(index=False))
     print(f"written: {out / 'sweep_runs.csv'}, {out / 'sweep_summary.csv'}")
     failed = {r.name: s for r, s in status.items() if s.startswith("failed")}
     for name, s in failed.items():
@@ -452,11 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, default=None, help="stop each stage after this many steps (resumable)")
 
     p = command("evaluate-vae", _evaluate_vae, "reconstruction error (mm) of the trained Mesh-VQ-VAE stages on the "
-                "test split, from the nearest codes and from the continuous latent; table under "
+                "test and validation splits, from the nearest codes and from the continuous latent; table under "
                 "results/<profile>/tables/vae_reconstruction.csv")
     p.add_argument("--stages", nargs="+", choices=("pretrain", "finetune"), default=["pretrain", "finetune"])
     p.add_argument("--corpus-meshes", type=int, default=0, metavar="N",
-                   help="also measure the first N corpus training meshes (default 0: test split only)")
+                   help="also measure the first N corpus training meshes (default 0: the two splits only)")
 
     p = command("sweep-vae", _sweep_vae, "train and evaluate the Mesh-VQ-VAE for every combination of --grid values, "
                 "--repeats times each (seeds cfg.seed + repeat), spread over GPUs; tables sweep_runs.csv and "

@@ -1,9 +1,10 @@
 """Repeated Mesh-VQ-VAE trainings over a grid of settings, spread over GPUs.
 
 Every (setting, repeat) is one ``train-vae`` + ``evaluate-vae`` subprocess pair in its own results
-folder, repeat ``r`` at seed ``cfg.seed + r``; the tables give each run's test error and, per setting,
-the mean and spread. Two runs of one setting can differ by more than half a millimetre (README, "What
-limits the Mesh-VQ-VAE"), so settings are ranked on means over repeats, not on single runs.
+folder, repeat ``r`` at seed ``cfg.seed + r``; the tables give each run's validation and test errors
+and, per setting, the mean and spread. Two runs of one setting can differ by more than half a
+millimetre (README, "What limits the Mesh-VQ-VAE"), so settings are ranked on means over repeats, not
+on single runs, and on the validation split, so that the test split stays a measurement.
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ import pandas as pd
 from .checkpoint import atomic_write
 from .reproduce import threads_per_process
 
-#: columns of the per-run table taken from ``evaluate-vae``'s test-split rows, per stage
+#: columns of the per-run table taken from ``evaluate-vae``'s rows of each stage and split
 _METRICS = ("PVE_mm", "PVE_continuous_mm", "MPJPE_mm")
+#: the splits read, with their column prefix (test columns carry none)
+_SPLITS = (("test", ""), ("val", "val_"))
 
 
 @dataclass(frozen=True)
@@ -183,8 +186,9 @@ def _last_wall_s(folder: Path, profile: str, stage: str) -> float:
 
 
 def collect(runs: list[SweepRun], out: Path, profile: str, base_seed: int = 0) -> pd.DataFrame:
-    """One row per evaluated run: setting, repeat, seed, test-split errors per stage (mm) and the
-    training wall times (s) from the training logs. Runs without a table are left out."""
+    """One row per evaluated run: setting, repeat, seed, test- and validation-split errors per stage
+    (mm; ``finetune_PVE_mm``, ``finetune_val_PVE_mm``, ...) and the training wall times (s) from the
+    training logs. Runs without a table are left out; a split the table lacks reads NaN."""
     rows = []
     for run in runs:
         path = _table(out, run, profile)
@@ -193,10 +197,11 @@ def collect(runs: list[SweepRun], out: Path, profile: str, base_seed: int = 0) -
         table = pd.read_csv(path)
         row = {"setting": run.label, "repeat": run.repeat, "seed": base_seed + run.repeat}
         for stage in ("pretrain", "finetune"):
-            test = table[(table["stage"] == stage) & (table["meshes"] == "test")]
-            for metric in _METRICS:
-                found = len(test) and metric in test.columns
-                row[f"{stage}_{metric}"] = float(test[metric].iloc[0]) if found else math.nan
+            for split, prefix in _SPLITS:
+                measured = table[(table["stage"] == stage) & (table["meshes"] == split)]
+                for metric in _METRICS:
+                    found = len(measured) and metric in measured.columns
+                    row[f"{stage}_{prefix}{metric}"] = float(measured[metric].iloc[0]) if found else math.nan
             row[f"{stage}_train_s"] = _last_wall_s(run_dir(out, run), profile, stage)
         rows.append(row)
     return pd.DataFrame(rows)
