@@ -582,9 +582,10 @@ def test_fine_tuning_restarts_codes_at_its_own_threshold(monkeypatch, smoke_arti
     monkeypatch.setattr(vt, "train", fake_train)
     cfg = dataclasses.replace(smoke_artifacts, vqvae=dataclasses.replace(
         smoke_artifacts.vqvae, dead_code_threshold=2e-3, finetune_dead_code_threshold=5e-4))
+    train_meshes = synthetic.split_meshes(cfg, "train")
     for stage in ("pretrain", "finetune"):
         with pytest.raises(StopIteration):
-            vt.train_stage(cfg, body, stage, train_meshes=synthetic.split_meshes(cfg, "train"))
+            vt.train_stage(cfg, body, stage, train_meshes=train_meshes)
     assert seen == {"mesh_vqvae_pretrain": 2e-3, "mesh_vqvae_finetune": 5e-4}
     full = load_config("full").vqvae
     assert full.finetune_dead_code_threshold == 0.0 < full.dead_code_threshold

@@ -417,7 +417,7 @@ def _sweep_vae(args) -> int:
     if len(summary):
         cols = ["setting", "runs", "finetune_val_PVE_mm_mean", "finetune_PVE_mm_mean", "finetune_PVE_mm_std",
                 "finetune_train_s_mean"]
-        print(summary[[c for c in cols if c in summary.columns]].round(2).to_string(index=False))
+        print(summary[cols].round(2).to_string(index=False))
     print(f"written: {out / 'sweep_runs.csv'}, {out / 'sweep_summary.csv'}")
     failed = {r.name: s for r, s in status.items() if s.startswith("failed")}
     for name, s in failed.items():
