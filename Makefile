@@ -8,6 +8,8 @@ NPROC ?= 1
 # full on a CUDA machine, smoke elsewhere (override: make reproduce PROFILE=smoke)
 PROFILE ?= $(shell $(PYTHON) -c "import torch; print('full' if torch.cuda.is_available() else 'smoke')" 2>/dev/null || echo smoke)
 # full on one GPU: the trainings run as background jobs beside the notebooks (OVERLAP= turns it off)
+# study-wide config overrides, e.g. make reproduce SET="vqhps.backbone=resnet50"
+SET ?=
 OVERLAP ?= $(if $(and $(filter full,$(PROFILE)),$(filter 1,$(NPROC))),--overlap)
 
 .PHONY: setup system-libs test unit-test notebook-test reproduce bench clean
@@ -46,7 +48,7 @@ notebook-test: setup
 
 reproduce: setup
 	@echo "make reproduce: profile $(PROFILE), $(NPROC) process(es) $(OVERLAP)"
-	$(PYTHON) -m vqhps reproduce --profile $(PROFILE) --nproc $(NPROC) $(OVERLAP)
+	$(PYTHON) -m vqhps reproduce --profile $(PROFILE) --nproc $(NPROC) $(OVERLAP) $(foreach s,$(SET),--set $(s))
 
 bench: setup
 	$(PYTHON) -m vqhps bench --profile $(PROFILE)

@@ -110,6 +110,7 @@ def test_3d_loss_reaches_the_mesh_branch_through_the_soft_decoding(tmp_path, bod
     vqvae = vqvaes["finetune"]
     hcfg = H.vqhps_config(cfg, **A.training_overrides(cfg, "vqhps_3d_loss"))
     model = tiny_model(cfg, body, vqvae, loss="3d")
+    model.eval()  # two identical forwards: no dropout, no stochastic depth, fixed BatchNorm statistics
     out = model(batch["image"], vqvae, body)
     losses = vqhps_losses(out, batch, vqvae, body, hcfg)
     assert not losses["ce"].requires_grad  # the cross-entropy is reported, not trained

@@ -4,6 +4,9 @@ carry the expected columns and units, and Fig. 4 is written. Tiny models (tests/
 SMALL), one thread, a few steps on the smoke benchmark."""
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,6 +20,7 @@ from vqhps.checkpoint import CheckpointMismatch
 from vqhps.config import load_config
 from vqhps.data import synthetic
 from vqhps.models.body_params import oriented_targets
+from vqhps.geometry import rotation_angle_deg
 
 CPU = torch.device("cpu")
 SMALL = {"vqhps.d_model": 32, "vqhps.n_heads": 2, "vqhps.mlp_hidden": 64, "vqhps.dropout": 0.0}
@@ -93,6 +97,11 @@ def test_load_round_trip_and_refusals(tmp_path, body, trained):
     assert isinstance(loaded, bt.BASELINES["cliff"]) and not loaded.training
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
+    # a study's models share one backbone: another one in the configuration is refused on load
+    other_cfg = copy.deepcopy(cfg)
+    other_cfg.vqhps.backbone = "resnet50"
+    with pytest.raises(CheckpointMismatch, match="trained with backbone='efficientnet_lite2'.*resnet50"):
+        bt.load_baseline(result.checkpoint, other_cfg, body)
     # other settings: the run is refused with the field named, never silently resumed
     with pytest.raises(CheckpointMismatch, match=r"recipe\.lr.*delete"):
         bt.train_baseline(cfg, body, "cliff", **{**kwargs, "lr": 5e-4})
@@ -198,12 +207,46 @@ def test_table1_columns_and_units(smoke_cfg, body, splits):
 
     _, summary = H.evaluate_split(exact, test, body, smoke_cfg, CPU, progress=False)
     table = bt.table1({name: summary for name in ("HMR", "VQ-HPS", "Mesh-VQ-VAE floor")})
-    assert list(table.columns) == ["PVE", "PVE paper", "MPJPE", "MPJPE paper", "PA-MPJPE", "PA-MPJPE paper"]
+    assert list(table.columns) == ["PVE", "PVE paper", "MPJPE", "MPJPE paper", "PA-MPJPE", "PA-MPJPE paper",
+                                   "rot_err_deg", "rot_err_median_deg", "rot_flip_share"]
     assert table.attrs["units"] == "mm"
     assert table.loc[("VQ-HPS", "full"), "MPJPE paper"] == 157.49
     assert table.loc[("VQ-HPS", "valid"), "PVE paper"] == 163.88
     assert table.loc[("Mesh-VQ-VAE floor", "valid")].filter(like="paper").isna().all()
-    assert table[["PVE", "MPJPE", "PA-MPJPE"]].abs().max().max() < 0.01
+    assert table[["PVE", "MPJPE", "PA-MPJPE", "rot_err_deg", "rot_err_median_deg"]].abs().max().max() < 0.01
+    assert (table["rot_flip_share"] == 0).all()
+
+
+def test_table1_has_the_mean_body_row_and_rotation_columns(smoke_cfg, body, splits, monkeypatch):
+    """table1_predictors adds the mean body (the training split's mean mesh at its mean rotation, no
+    paper value) after the floor; a method without a rotation gets NaN rotation columns."""
+    monkeypatch.setattr(H, "vqhps_checkpoint", lambda cfg, run: Path(__file__))  # any existing file
+    monkeypatch.setattr(H, "load_vqhps", lambda *a, **k: None)  # never called by these model_fns here
+    train = subset(splits["train"], 16)
+    methods = bt.table1_predictors(smoke_cfg, body, None, {}, CPU, train_arrays=train)
+    assert list(methods) == ["VQ-HPS", "VQ-HPS-rot", "Mesh-VQ-VAE floor", "mean body"]
+    assert bt.REFERENCE_METHODS == ("Mesh-VQ-VAE floor", "mean body")
+
+    def exact(batch):
+        return {"vertices": oriented_targets(batch), "rotmat": batch["root_rot"]}
+
+    def no_rotation(batch):  # FastMETRO-like: vertices only
+        return {"vertices": oriented_targets(batch)}
+
+    test = subset(splits["test"], 6)
+    _, summaries = bt.evaluate_methods({"HMR": exact, "FastMETRO": no_rotation, "mean body": methods["mean body"]},
+                                       test, body, smoke_cfg, CPU)
+    table = bt.table1(summaries)
+    assert ("mean body", "full") in table.index and ("mean body", "valid") in table.index
+    assert table.loc["mean body"].filter(like="paper").isna().all().all()
+    assert (table.loc["mean body", "PVE"] > table.loc["HMR", "PVE"] + 10).all()  # an exact model beats it
+    assert table.loc["mean body", ["rot_err_deg", "rot_err_median_deg", "rot_flip_share"]].notna().all().all()
+    assert table.loc["FastMETRO", ["rot_err_deg", "rot_err_median_deg", "rot_flip_share"]].isna().all().all()
+    R = torch.as_tensor(test["root_rot"]).double()
+    mean_R = H.mean_root_rotation(train).expand_as(R)
+    errors = rotation_angle_deg(mean_R, R).numpy()
+    assert table.loc[("mean body", "full"), "rot_err_median_deg"] == pytest.approx(np.median(errors), abs=0.01)
+    assert table.loc[("mean body", "full"), "rot_flip_share"] == pytest.approx((errors > 90).mean(), abs=1e-3)
 
 
 # ------------------------------------------------------------------------------------ figures
@@ -286,7 +329,7 @@ def graphed_baseline_steps(name: str, body, train: dict, device: torch.device, s
     torch.manual_seed(0)
     model = bt.build_baseline(name, cfg, body).to(device)
     # the optimizer and schedule training builds (fused AdamW on CUDA, its StepLR through the graph)
-    optimizer, scheduler = H.schedule_optimizer(model.parameters(), H.Schedule.of(bt.baseline_config(cfg)),
+    optimizer, scheduler = H.schedule_optimizer(model.named_parameters(), H.Schedule.of(bt.baseline_config(cfg)),
                                                 batch_fn.steps_per_epoch, device)
     step = make_train_step(model, model, optimizer, scheduler, bt.baseline_loss_fn(), cfg.runtime, cuda_graph=True)
     with warnings.catch_warnings():

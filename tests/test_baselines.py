@@ -85,7 +85,7 @@ def runs(cfg, body, batch):
             if i == 0:
                 first = {k: v.detach() for k, v in out.items()}
                 first_losses = {k: v.detach() for k, v in losses.items()}
-                grad = model.backbone.stem[0].weight.grad.detach().clone()
+                grad = next(model.backbone.parameters()).grad.detach().clone()  # the first convolution
             opt.step()
             history.append(float(losses["loss"].detach()))
         with torch.no_grad():
@@ -151,24 +151,27 @@ def test_parametric_models_start_from_the_mean_standing_body(runs, body, name):
 
 
 # ------------------------------------------------------------------------------- parametric parts
-def _ground_truth_params(batch) -> torch.Tensor:
-    """The parameter vector of the ground truth: root rotation, joint rotations, shape, crop camera."""
+def _ground_truth_params(batch, rotation: str = "root_rot") -> torch.Tensor:
+    """The parameter vector of the ground truth: root rotation (``rotation``: root_rot in the camera,
+    crop_rot in the crop's camera), joint rotations, shape, crop camera."""
     info = batch_bbox_info(batch)
     cam = cliff_mod.translation_to_crop_cam(batch["trans"], info)
     local = gather_articulated(pose_targets(batch))
-    return torch.cat((matrix_to_rot6d(batch["root_rot"]), matrix_to_rot6d(local).flatten(1),
+    return torch.cat((matrix_to_rot6d(batch[rotation]), matrix_to_rot6d(local).flatten(1),
                       torch.logit(batch["shape"].float()), cam), dim=1)
 
 
 def test_ground_truth_parameters_give_zero_parametric_losses(runs, batch):
-    """Decoding the ground-truth parameters reproduces the ground-truth mesh; CLIFF's full-frame
-    reprojection is exact, HMR's weak perspective only approximates the perspective crop."""
+    """Decoding the ground-truth parameters reproduces the ground-truth mesh (HMR's in the crop's
+    camera, CLIFF's in the full frame's); CLIFF's full-frame reprojection is exact, HMR's weak
+    perspective only approximates the perspective crop."""
     hmr, cliff = runs["hmr"]["model"], runs["cliff"]["model"]
-    params = _ground_truth_params(batch)
     with torch.no_grad():
-        out = hmr.decode(params)
-        torch.testing.assert_close(out["vertices"], oriented_targets(batch), atol=2e-4, rtol=0)
+        out = hmr.decode(_ground_truth_params(batch, "crop_rot"))
+        torch.testing.assert_close(out["vertices"], oriented_targets(batch, "crop"), atol=2e-4, rtol=0)
         h = hmr.loss(out, batch)
+        out = cliff.decode(_ground_truth_params(batch))
+        torch.testing.assert_close(out["vertices"], oriented_targets(batch), atol=2e-4, rtol=0)
         out["trans"] = cliff_mod.crop_cam_to_translation(out["cam"], batch_bbox_info(batch))
         c = cliff.loss(out, batch)
     for key in ("joints3d", "pose", "rot", "shape"):
@@ -215,14 +218,14 @@ def test_full_frame_projection_of_ground_truth_reproduces_stored_joints(cfg, bod
 
 
 def test_flipped_samples_mirror_bbox_and_full_frame_targets(body, batch, flipped_batch):
-    """A flipped crop is the crop of the full frame mirrored about the principal point's column."""
+    """A flipped crop is the crop of the full frame mirrored about the principal point's column
+    (``prepare_batch`` makes the batch's bbox that crop's)."""
     K = batch["K"].float()
     px = K[:, 0, 2][:, None]
     info, info_f = batch_bbox_info(batch), batch_bbox_info(flipped_batch)
     torch.testing.assert_close(info_f, info * torch.tensor([-1.0, 1.0, 1.0]))
     full = cliff_mod.crop_to_full(batch["joints2d"], batch["bbox"])[:, body.joint_flip24]
-    full_f = cliff_mod.crop_to_full(flipped_batch["joints2d"],
-                                    cliff_mod.flip_bbox(flipped_batch["bbox"], K, flipped_batch["flipped"]))
+    full_f = cliff_mod.crop_to_full(flipped_batch["joints2d"], flipped_batch["bbox"])
     torch.testing.assert_close(full_f[..., 0], 2 * px - full[..., 0], atol=1e-3, rtol=0)
     torch.testing.assert_close(full_f[..., 1], full[..., 1], atol=1e-3, rtol=0)
 
@@ -254,10 +257,11 @@ def test_upsampling_matrix_interpolates(cfg, body):
 
 def test_fastmetro_coarse_level_and_ground_truth_losses(runs, batch, body):
     """The model picks the hierarchy level nearest 431 vertices; the ground-truth coarse mesh,
-    upsampled, nearly matches the ground-truth mesh, and exact outputs give a zero 3D loss."""
+    upsampled, nearly matches the ground-truth mesh, and exact outputs (oriented in the crop's camera,
+    as FastMETRO predicts) give a zero 3D loss."""
     model = runs["fastmetro"]["model"]
     assert 200 <= model.n_coarse <= 1000
-    gt = oriented_targets(batch)
+    gt = oriented_targets(batch, "crop")
     coarse = gt[:, model.coarse_index]
     full = model.upsample_mesh(coarse)
     assert (full - gt).norm(dim=-1).mean() < 0.01

@@ -40,7 +40,7 @@ def test_ratios_divide_by_the_ceiling_of_the_same_kind():
     def row(what, kind, rate):
         return {"what": what, "kind": kind, "items_per_s": rate}
 
-    rows = [row("resnet50_x2_inference", "inference", 100.0), row("resnet50_x2_train_step", "training", 50.0),
+    rows = [row("backbones_x2_inference", "inference", 100.0), row("backbones_x2_train_step", "training", 50.0),
             row("vqhps_inference", "inference", 80.0), row("vqhps_train_step", "training", 40.0),
             row("vqhps_train_step_with_input", "training", 25.0), row("data_pipeline", "input", 200.0),
             row("mesh_vqvae_encode_decode", "mesh_vqvae", 7.0)]
@@ -104,7 +104,7 @@ def full_bench(body):
 def test_every_part_gives_its_rows_with_ratios_from_the_same_run(full_bench, tmp_path):
     cfg, rows, summary = full_bench
     by_what = {r["what"]: r for r in rows}
-    assert set(by_what) >= {"benchmark_rendering_one_process", "resnet50_x2_inference", "resnet50_x2_train_step",
+    assert set(by_what) >= {"benchmark_rendering_one_process", "backbones_x2_inference", "backbones_x2_train_step",
                             "vqhps_inference", "vqhps_train_step", "vqhps_train_step_with_input", "data_pipeline",
                             "mesh_vqvae_encode_decode", "mesh_vqvae_train_step"}
     for r in rows:
@@ -140,11 +140,11 @@ def test_only_runs_the_named_parts(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     payload = json.loads((tmp_path / "smoke" / "bench" / "bench.json").read_text())
     rows = {r["what"]: r for r in payload["rows"]}
-    assert set(rows) == {"resnet50_x2_inference", "resnet50_x2_train_step", "data_pipeline"}
+    assert set(rows) == {"backbones_x2_inference", "backbones_x2_train_step", "data_pipeline"}
     assert payload["settings"]["parts"] == ["data", "ceiling"] and payload["inference_ratio_to_ceiling"] is None
     assert rows["data_pipeline"]["ratio_to_ceiling"] == pytest.approx(
-        rows["data_pipeline"]["items_per_s"] / rows["resnet50_x2_train_step"]["items_per_s"])
-    assert not rows["resnet50_x2_train_step"]["compiled"]  # compilation applies on CUDA only
+        rows["data_pipeline"]["items_per_s"] / rows["backbones_x2_train_step"]["items_per_s"])
+    assert not rows["backbones_x2_train_step"]["compiled"]  # compilation applies on CUDA only
     assert "written:" in capsys.readouterr().out
 
 

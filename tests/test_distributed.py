@@ -195,7 +195,7 @@ def test_launch_failure_names_the_command_and_quotes_its_output():
 
 
 def test_set_overrides_take_the_config_field_types():
-    from vqhps.cli import parse_overrides
+    from vqhps.config import parse_overrides
     from vqhps.config import load_config
 
     got = parse_overrides(["vqvae.lr=1e-3", "vqvae.channels=8,16,32", "runtime.amp=false", "data.n_train=2_000",
@@ -218,7 +218,7 @@ def test_set_overrides_take_the_config_field_types():
     ("vqvae=1", "is a section"),
 ])
 def test_bad_set_overrides_are_explained(pair, message):
-    from vqhps.cli import parse_overrides
+    from vqhps.config import parse_overrides
 
     with pytest.raises(ValueError, match=message):
         parse_overrides([pair])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -205,6 +206,11 @@ def test_checkpoint_made_for_another_mesh_vqvae_is_refused(body, vqvae, trained)
     pretrained = load_mesh_vqvae(load_config("smoke"), body, "pretrain")
     with pytest.raises(CheckpointMismatch, match="vqvae_fingerprint"):
         H.load_vqhps(result.checkpoint, cfg, body, pretrained)
+    for key, value in (("backbone", "efficientnet_lite0"), ("backbone_weights", None)):
+        other_cfg = copy.deepcopy(cfg)
+        setattr(other_cfg.vqhps, key, value)
+        with pytest.raises(CheckpointMismatch, match=f"trained with {key}=.*this configuration has {key}="):
+            H.load_vqhps(result.checkpoint, other_cfg, body, vqvae)
 
 
 def test_resuming_with_other_settings_is_refused(body, vqvae, trained):
@@ -250,3 +256,107 @@ def test_a_training_step_is_captured_in_a_cuda_graph(smoke_cfg, body, vqvae):
         for step in range(6):
             losses = rig.step(rig.batch_fn(step), step)
     assert replays_graph(rig.step) and torch.isfinite(losses["loss"])
+
+
+# ------------------------------------------------------------------ "learned nothing" references
+def _rot_z(deg: float) -> torch.Tensor:
+    c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
+    return torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+
+
+def test_mean_body_of_two_samples_is_their_average_mesh_at_their_mean_rotation(body, splits):
+    """Two training samples turned by +-40 deg about z from Q: their chordal mean is Q (the mean matrix
+    diag(cos 40, cos 40, 1) Q has Q as its rotation factor); the mesh is the average of their two."""
+    from vqhps.data.datasets import canonical_targets
+    from vqhps.geometry import axis_angle_to_matrix, project_to_so3
+
+    Q = axis_angle_to_matrix(torch.tensor([0.3, -1.2, 0.5], dtype=torch.float64))
+    two = subset(splits["train"], 2)
+    two["root_rot"] = torch.stack((_rot_z(40) @ Q, _rot_z(-40) @ Q)).float().numpy()
+    meshes = canonical_targets(body, torch.as_tensor(two["pose"]), torch.as_tensor(two["shape"])).double()
+    average = (meshes[0] + meshes[1]) / 2
+    torch.testing.assert_close(H.mean_root_rotation(two), Q, atol=1e-6, rtol=0)
+    model_fn = H.mean_body_predictor(body, two, CPU, batch_size=1)
+    out = model_fn({"image": torch.zeros(3, 3, 8, 8)})  # the image is ignored: 3 identical predictions
+    assert out["vertices"].shape == (3, body.n_vertices, 3)
+    for i in range(3):
+        torch.testing.assert_close(out["canonical"][i].double(), average, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out["rotmat"][i].double(), Q, atol=1e-6, rtol=0)
+        torch.testing.assert_close(out["vertices"][i].double(), average @ Q.T, atol=1e-5, rtol=0)
+    # stored rotations: the SO(3) projection of their mean matrix (det +1, orthonormal, not the mean itself)
+    stored = subset(splits["train"], 2)
+    R = torch.as_tensor(stored["root_rot"]).double()
+    mean_R = H.mean_root_rotation(stored)
+    torch.testing.assert_close(mean_R, project_to_so3(R.mean(0)))
+    torch.testing.assert_close(mean_R @ mean_R.T, torch.eye(3, dtype=torch.float64), atol=1e-9, rtol=0)
+    assert abs(torch.linalg.det(mean_R).item() - 1) < 1e-9
+    # batching does not change the mean mesh
+    five = subset(splits["train"], 5)
+    torch.testing.assert_close(H.mean_canonical_mesh(body, five, CPU, batch_size=2),
+                               H.mean_canonical_mesh(body, five, CPU, batch_size=5), atol=1e-6, rtol=0)
+
+
+def test_rotation_columns_on_a_hand_made_per_sample_frame():
+    per_sample = pd.DataFrame({"PVE": [1.0] * 5, "MPJPE": [1.0] * 5, "PA-MPJPE": [1.0] * 5,
+                               "rot_err_deg": [10.0, 100.0, 170.0, 90.0, 50.0],
+                               "valid": [True, True, False, False, True]})
+    summary = H.summarise_with_rotation(per_sample)
+    assert set(H.ROTATION_COLUMNS) == {"rot_err_deg", "rot_err_median_deg", "rot_flip_share"}
+    full, valid = summary.loc["full"], summary.loc["valid"]
+    assert full["rot_err_deg"] == pytest.approx(84.0) and full["rot_err_median_deg"] == pytest.approx(90.0)
+    assert full["rot_flip_share"] == pytest.approx(2 / 5)  # 100 and 170; exactly 90 is not a flip
+    assert valid["rot_err_deg"] == pytest.approx(160 / 3) and valid["rot_err_median_deg"] == pytest.approx(50.0)
+    assert valid["rot_flip_share"] == pytest.approx(1 / 3)
+    table = H.metrics_table({"m": summary}, H.ROTATION_COLUMNS)
+    assert table.loc[("m", "valid"), "rot_flip_share"] == 0.333 and table.loc[("m", "valid"), "rot_err_deg"] == 53.33
+    no_rotation = H.summarise_with_rotation(per_sample.assign(rot_err_deg=np.nan))
+    assert no_rotation[list(H.ROTATION_COLUMNS)].isna().all().all()
+
+
+def test_marginal_token_entropy_hand_computed():
+    # position 0 always code 3: 0 nats; position 1 uniform over 4 codes: ln 4; position 2 two codes: ln 2
+    table = torch.tensor([[3, 0, 5], [3, 1, 5], [3, 2, 7], [3, 3, 7]])
+    assert H.marginal_token_entropy(table[:, :1]) == 0.0
+    assert H.marginal_token_entropy(table[:, 1:2]) == pytest.approx(np.log(4))
+    assert H.marginal_token_entropy(table) == pytest.approx((0 + np.log(4) + np.log(2)) / 3)
+    assert H.marginal_token_entropy(table.numpy()) == H.marginal_token_entropy(table)
+    with pytest.raises(ValueError, match=r"\(N, T\)"):
+        H.marginal_token_entropy(table[None])
+
+
+def test_token_ce_summary_reads_the_last_validation_ce():
+    curves = pd.DataFrame({"run": ["VQ-HPS"] * 4 + ["VQ-HPS-rot"], "step": [1, 2, 3, 4, 5],
+                           "val_token_ce": [np.nan, 3.0, np.nan, 2.5, np.nan]})
+    row = H.token_ce_summary(curves, 4.0).loc["VQ-HPS"]
+    assert row["val_token_ce_nats"] == 2.5 and row["margin_nats"] == pytest.approx(1.5) and row["margin_ge_1_nat"]
+    assert not H.token_ce_summary(curves, 3.0).loc["VQ-HPS", "margin_ge_1_nat"]
+
+
+def test_validation_logs_the_token_cross_entropy_of_the_final_model(body, vqvae, trained):
+    """val_token_ce, logged with val_PVE after each epoch, is the cross-entropy of the model's logits
+    against the Mesh-VQ-VAE's ids of the validation meshes (recomputed here for the last one)."""
+    cfg, model, result, kwargs = trained
+    rows = [r for r in result.history if "val_PVE" in r]
+    assert len(rows) == 3 and all(np.isfinite(r["val_token_ce"]) and r["val_token_ce"] > 0 for r in rows)
+    val = kwargs["val_arrays"]
+    ids = H.token_table(vqvae, body, val, CPU)[:, 0]
+    with torch.no_grad():
+        logits = torch.cat([model(b["image"])["logits"] for b in H.iterate_split(val, body, cfg, CPU, progress=False)])
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids.reshape(-1))
+    assert rows[-1]["val_token_ce"] == pytest.approx(expected.item(), rel=1e-4)
+    assert {"val_rot_err_median_deg", "val_rot_flip_share"} <= set(rows[-1])
+
+
+def test_learning_curves_draw_validation_ce_and_the_entropy_line():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    curves = pd.DataFrame({"run": ["VQ-HPS"] * 3, "step": [1, 2, 3], "ce": [5.0, 4.0, 3.0],
+                           "val_token_ce": [np.nan, 4.5, 3.5]})
+    fig = H.learning_curves_figure(curves, references={"val_token_ce": {"marginal entropy": 4.2}})
+    ce_axis = fig.axes[0]
+    labels = [line.get_label() for line in ce_axis.get_lines()]
+    assert labels == ["VQ-HPS ce", "VQ-HPS val_token_ce", "marginal entropy (4.20)"]
+    assert list(ce_axis.get_lines()[1].get_ydata()) == [4.5, 3.5]
+    assert set(ce_axis.get_lines()[2].get_ydata()) == {4.2}
+    assert all(len(ax.get_lines()) == 0 for ax in fig.axes[1:])  # the other panels: no such column, no line

@@ -138,3 +138,120 @@ def test_worker_pool_renders_the_same_splits_as_one_process(tiny_cfg, tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"{split}/{k}")
+
+
+# ------------------------------------------------------------------ appearance: front/back cues, labels untouched
+def _renderer(body, size):
+    from vqhps.data.synthetic import ShardRenderer
+
+    return ShardRenderer(body, size)
+
+
+def test_renders_are_deterministic(tiny_cfg, body):
+    """Same seed, split and shard: identical image bytes and labels (every appearance draw comes from
+    the shard's generator); another appearance seed gives other colours."""
+    from vqhps.data.synthetic import GENERATOR_VERSION
+
+    spec = make_spec(tiny_cfg, "val", body.identifier())
+    assert spec.version == GENERATOR_VERSION >= 3
+    renderer = _renderer(body, tiny_cfg.data.crop_size)
+    try:
+        a, b = renderer.render_shard(spec, 0), renderer.render_shard(spec, 0)
+        c0, c1 = (renderer.appearance.colors(np.random.default_rng(s)) for s in (5, 5))
+        c2 = renderer.appearance.colors(np.random.default_rng(6))
+    finally:
+        renderer.close()
+    for k in a:
+        assert a[k].tobytes() == b[k].tobytes(), k
+    assert c0.tobytes() == c1.tobytes() and c0.tobytes() != c2.tobytes()
+    assert c0.shape == (body.n_vertices + body.eye_index.numel(), 4) and c0.dtype == np.uint8
+
+
+def test_eyes_are_seen_from_the_front_and_hidden_from_the_back(body):
+    """Iris and pupil vertices pass the depth test from the front, none from the back."""
+    renderer = _renderer(body, 256)
+    try:
+        rest = body.rest_pose(1).numpy()[0]
+        front, back = renderer.views(rest, np.full(body.shape_dim, 0.5, np.float32), (0.0, 180.0), seed=0)
+        gaze = renderer.appearance.eye_class > 0
+    finally:
+        renderer.close()
+
+    def visible(view):
+        cam = view["eyes"][gaze] @ view["rot"].T + view["trans"]
+        px = np.round(project_points(cam, view["K"])).astype(int)
+        return np.abs(view["depth"][px[:, 1], px[:, 0]] - cam[:, 2]) < 0.004
+
+    assert gaze.sum() >= 8
+    assert visible(front).mean() > 0.8
+    assert not visible(back).any()
+
+
+def test_front_and_back_differ_more_than_with_part_colours(body):
+    """Yaw 0 against 180 of one pose: the colour histograms of the head's and the torso's image
+    regions differ more with the appearance model than with one colour per body part (the old
+    outfits, taken as each part's median colour of the same appearance)."""
+    from vqhps.data.poses import PoseSampler
+
+    def histogram(view, idx):
+        px = project_points(view["canonical"][idx] @ view["rot"].T + view["trans"], view["K"])
+        (x0, y0), (x1, y1) = np.floor(px.min(0)).astype(int), np.ceil(px.max(0)).astype(int)
+        box = np.zeros_like(view["mask"])
+        box[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = True
+        q = view["image"][view["mask"] & box] // 64
+        h = np.bincount(q[:, 0] * 16 + q[:, 1] * 4 + q[:, 2], minlength=64)
+        return h / h.sum()
+
+    pose = PoseSampler(seed=3).sample(1)[0][0]
+    shape = np.full(body.shape_dim, 0.5, np.float32)
+    renderer = _renderer(body, 128)
+    app = renderer.appearance
+    regions = {"head": app.head.idx, "torso": app.trunk.idx}
+    dist = {(kind, name): [] for kind in ("new", "parts") for name in regions}
+    parts = np.concatenate([app.parts, np.zeros(app.n_eyes, np.int64)])  # eyes: the head's colour
+    try:
+        for seed in range(6):
+            colors = app.colors(np.random.default_rng(seed))
+            per_part = colors.copy()
+            for p in np.unique(app.parts):
+                per_part[parts == p] = np.median(colors[:app.n_body][app.parts == p], 0)
+            for kind, c in (("new", colors), ("parts", per_part)):
+                front, back = renderer.views(pose, shape, (0.0, 180.0), colors=c)
+                for name, idx in regions.items():
+                    dist[kind, name].append(np.abs(histogram(front, idx) - histogram(back, idx)).sum() / 2)
+    finally:
+        renderer.close()
+    mean = {k: float(np.mean(v)) for k, v in dist.items()}
+    assert mean["new", "head"] > 2.0 * mean["parts", "head"], mean
+    assert mean["new", "torso"] > 1.4 * mean["parts", "torso"], mean
+
+
+def test_appearance_leaves_the_labels_alone(tiny_cfg, body):
+    """The drawn mesh adds the eyeballs; the labels stay the body surface: the renderer's canonical
+    meshes are exactly the training targets, each rendered sample validates, its 2D joints are the
+    projection of the targets' joints."""
+    from vqhps.data.sample import validate_sample
+    from vqhps.data.synthetic import shard_parameters
+
+    spec = make_spec(tiny_cfg, "test", body.identifier())
+    crop = tiny_cfg.data.crop_size
+    renderer = _renderer(body, crop)
+    try:
+        params = shard_parameters(spec, 0)[1]
+        canonical, eyes = renderer.pose_meshes(params["pose"], params["shape"])
+        a = renderer.render_shard(spec, 0)
+    finally:
+        renderer.close()
+    target = canonical_targets(body, torch.as_tensor(a["pose"]), torch.as_tensor(a["shape"])).numpy()
+    np.testing.assert_array_equal(canonical, target)
+    assert eyes.shape == (len(target), body.eye_index.numel(), 3)
+    head = target[:, renderer.appearance.head.idx].mean(1)
+    assert np.linalg.norm(eyes.mean(1) - head, axis=-1).max() < 0.12  # the eyeballs moved with the head
+    for i in range(len(target)):
+        verts_cam = (target[i] @ a["root_rot"][i].T + a["trans"][i]).astype(np.float32)
+        validate_sample({"image": a["image"][i], "joints2d_24": a["joints2d_24"][i], "joints2d_17": a["joints2d_17"][i],
+                         "root_rot": a["root_rot"][i], "canonical": target[i], "verts_cam": verts_cam,
+                         "K": a["K"][i], "bbox": a["bbox"][i], "valid": a["valid"][i]})
+        j24 = body.regressor24.numpy() @ verts_cam.astype(np.float64)
+        proj = apply_affine(project_points(j24, a["K"][i].astype(np.float64)), crop_affine(a["bbox"][i], crop))
+        assert np.abs(proj - a["joints2d_24"][i]).max() < 0.5

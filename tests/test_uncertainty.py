@@ -188,7 +188,7 @@ def test_error_by_condition_and_flips():
     assert light["n"].sum() == len(df) and table.loc["framing", "n"].sum() == len(df)
     dim = df[df["light"] == 1]
     assert light.loc["dim", "PVE"] == pytest.approx(dim["PVE"].mean())
-    assert light.loc["dim", "flip_%"] == pytest.approx(100 * (dim["rot_err_deg"] >= 135).mean())
+    assert light.loc["dim", "flip_%"] == pytest.approx(100 * (dim["rot_err_deg"] > 90).mean())
     heavy = table.loc["occlusion"].iloc[2]
     assert heavy["n"] == int((df["occlusion"] >= 0.3).sum())
     worst = failures.worst_cases(df, 5)
@@ -199,7 +199,7 @@ def test_analysis_text_quotes_its_numbers():
     df = _frame(50, 2)
     table = unc.spearman_table(df)
     text = failures.failure_analysis_markdown(df, "VQ-HPS-rot", n_worst=4, spearman=table)
-    flip = df["rot_err_deg"] >= failures.FLIP_THRESHOLD_DEG
+    flip = df["rot_err_deg"] > failures.ROT_FLIP_DEG
     for number in (f"{df['PVE'].mean():.1f}", f"{df.loc[df['valid'], 'PVE'].mean():.1f}",
                    f"{100 * flip.mean():.1f}%", f"{df.loc[flip, 'PVE'].mean():.1f}",
                    f"{table.loc['full', 'PVE']:.2f}", f"{table.loc['valid', 'PA-MPJPE']:.2f}",

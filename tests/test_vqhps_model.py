@@ -1,5 +1,5 @@
 """VQ-HPS network: shapes and initialisation, conditioning, gradient routing of every loss, the
-refiner, the backbone's weight loading, and a short learning run. A tiny frozen stand-in with the
+refiner, and a short learning run. A tiny frozen stand-in with the
 Mesh-VQ-VAE API replaces the real one."""
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from torch import nn
 from vqhps.body.base import BodyModel
 from vqhps.config import VQHPSConfig
 from vqhps.geometry import heading_bins, random_rotations, rotation_angle_deg, weak_perspective_project
-from vqhps.models import backbone as backbone_mod
-from vqhps.models.backbone import imagenet_checkpoint_path, resnet50_backbone
 from vqhps.models.vqhps import UPRIGHT_FACING_CAMERA, VQHPS, soft_decode, vqhps_losses
 
 N_VERTS = 40
@@ -82,7 +80,7 @@ def test_forward_shapes_and_sane_initial_outputs():
         out = model(torch.randn(2, 3, h, w))
         assert out["logits"].shape == (2, 54, 512)
         assert out["rot6d"].shape == (2, 6) and out["cam"].shape == (2, 3)
-        assert out["pooled_rot"].shape == (2, 2048)
+        assert out["pooled_rot"].shape == (2, model.rot_backbone.out_dim)
         R = out["rotmat"]
         assert torch.allclose(R @ R.transpose(1, 2), torch.eye(3).expand(2, 3, 3), atol=1e-5)
         upright = torch.tensor(UPRIGHT_FACING_CAMERA).expand(2, 3, 3)
@@ -222,42 +220,6 @@ def test_predict_orients_the_decoded_mesh():
     assert torch.allclose(pred["vertices"], pred["canonical"] @ R.transpose(1, 2), atol=1e-6)
     assert torch.allclose(pred["joints17"], body.joints17(pred["vertices"]), atol=1e-6)
     assert pred["joints24"].shape == (2, 24, 3) and pred["ids"].dtype == torch.long
-
-
-def test_backbone_channels_last_matches_contiguous():
-    torch.manual_seed(0)
-    net = resnet50_backbone(None).eval()
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        pooled, spatial = net(x)
-        net_cl = net.to(memory_format=torch.channels_last)
-        pooled_cl, spatial_cl = net_cl(x.contiguous(memory_format=torch.channels_last))
-    assert pooled.shape == (2, 2048) and spatial.shape == (2, 2048, 2, 2)
-    assert torch.allclose(pooled, pooled_cl, atol=1e-4, rtol=1e-4)
-
-
-def test_missing_imagenet_weights_raise_with_exact_path(monkeypatch, tmp_path):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    expected = tmp_path / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
-    assert imagenet_checkpoint_path() == expected
-    with pytest.raises(FileNotFoundError, match=str(expected)):
-        resnet50_backbone("imagenet")
-    with pytest.raises(FileNotFoundError, match="copy"):
-        VQHPS(small_cfg(backbone_weights="imagenet"), torch.zeros(17, 3))
-
-
-def test_cached_imagenet_weights_are_loaded(monkeypatch, tmp_path):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    path = imagenet_checkpoint_path()
-    path.parent.mkdir(parents=True)
-    torch.manual_seed(5)
-    state = backbone_mod.resnet50(weights=None).state_dict()
-    torch.save(state, path)
-    net = resnet50_backbone("imagenet")
-    assert torch.equal(net.stem[0].weight, state["conv1.weight"])
-    assert torch.equal(net.layer4[2].conv3.weight, state["layer4.2.conv3.weight"])
-    with pytest.raises(ValueError):
-        resnet50_backbone("imagenet22k")
 
 
 def test_short_training_run_lowers_token_and_rotation_error():

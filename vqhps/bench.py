@@ -1,7 +1,7 @@
 """Throughput benchmarks (``python -m vqhps bench``): each figure is measured in the same run as its
 baseline and written as JSON + CSV under results/<profile>/bench/.
 
-The baseline is the *ceiling*: VQ-HPS's two ResNet-50 backbones alone, at the batch, precision,
+The baseline is the *ceiling*: VQ-HPS's two image backbones alone (``cfg.vqhps.backbone``), at the batch, precision,
 memory format and compilation that VQ-HPS runs with. Inference rows are divided by the ceiling's
 inference rate, training (and input-pipeline) rows by its training rate, so a ratio of 0.8 says
 that everything VQ-HPS adds to its backbones (heads, transformer, Mesh-VQ-VAE, losses, input)
@@ -33,8 +33,8 @@ PARTS = ("rendering", "ceiling", "vqhps", "data", "mesh_vqvae")
 COLUMNS = ("what", "kind", "items_per_s", "ratio_to_ceiling", "ms_per_batch", "peak_mb", "batch", "precision",
            "compiled", "compile_mode", "cuda_graph_train_step", "channels_last", "torch", "device")
 #: row kind -> the ceiling row its ``ratio_to_ceiling`` divides by
-CEILING_OF = {"inference": "resnet50_x2_inference", "training": "resnet50_x2_train_step",
-              "input": "resnet50_x2_train_step"}
+CEILING_OF = {"inference": "backbones_x2_inference", "training": "backbones_x2_train_step",
+              "input": "backbones_x2_train_step"}
 
 
 def timed(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 10) -> float:
@@ -239,7 +239,7 @@ def run_facts(cfg, device: torch.device) -> dict:
     cuda = device.type == "cuda"
     return {"precision": "bf16" if cfg.runtime.amp and cuda else "fp32",
             "compiled": bool(cfg.runtime.compile and cuda), "channels_last": bool(cfg.runtime.channels_last),
-            "torch": torch.__version__, "device": device_name(device),
+            "torch": torch.__version__, "device": device_name(device), "backbone": cfg.vqhps.backbone,
             "compile_mode": (cfg.runtime.compile_mode or "default") if cfg.runtime.compile and cuda else None,
             "cuda_graph_train_step": None}
 
@@ -284,10 +284,10 @@ def _release(device: torch.device) -> None:
 
 
 def bench_images(cfg, batch: int, device: torch.device, offset: int = 0) -> torch.Tensor:
-    """A normalised (B, 3, S, S) image batch already on the device, in the configured memory format
+    """A (B, 3, S, S) image batch in [0, 1] already on the device, in the configured memory format
     (random: the throughput does not depend on the content)."""
     size = cfg.data.crop_size
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(cfg.seed + offset)).to(device)
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(cfg.seed + offset)).to(device)
     return x.contiguous(memory_format=torch.channels_last) if cfg.runtime.channels_last else x
 
 
@@ -314,15 +314,15 @@ def random_split_arrays(cfg, body, n: int, seed: int | None = None) -> dict[str,
 
 # ---------------------------------------------------------------------------------------- ceiling
 class BackbonePair(nn.Module):
-    """VQ-HPS's two ResNet-50s and nothing else: the ceiling. Same attribute names as ``VQHPS``, so
+    """VQ-HPS's two backbones and nothing else: the ceiling. Same attribute names as ``VQHPS``, so
     ``prepare_model`` compiles them the same way."""
 
-    def __init__(self) -> None:
-        from .models.backbone import resnet50_backbone
+    def __init__(self, name: str) -> None:
+        from .models.backbone import build_backbone
 
         super().__init__()
-        self.rot_backbone = resnet50_backbone()
-        self.mesh_backbone = resnet50_backbone()
+        self.rot_backbone = build_backbone(name, None)
+        self.mesh_backbone = build_backbone(name, None)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pooled, _ = self.rot_backbone(images)
@@ -331,7 +331,7 @@ class BackbonePair(nn.Module):
 
 
 def bench_ceiling(cfg, body, device: torch.device, s: BenchSettings) -> list[dict]:
-    """Two ResNet-50 passes per image: inference (eval, no grad) at the inference batch, and a
+    """Two backbone passes per image (``cfg.vqhps.backbone``): inference (eval, no grad) at the inference batch, and a
     training step (train mode, forward + backward + gradient norm + fused AdamW over both) at
     cfg.vqhps.batch_size, taken as VQ-HPS's steps are (``make_train_step``: one CUDA graph where
     ``runtime.cuda_graph`` applies)."""
@@ -342,7 +342,7 @@ def bench_ceiling(cfg, body, device: torch.device, s: BenchSettings) -> list[dic
     rows = []
     with static_shapes(facts["compiled"]):
         torch.manual_seed(cfg.seed)
-        pair = prepare_model(BackbonePair(), cfg, device).eval()
+        pair = prepare_model(BackbonePair(cfg.vqhps.backbone), cfg, device).eval()
         images = bench_images(cfg, s.inference_batch, device)
 
         def infer():
@@ -351,7 +351,7 @@ def bench_ceiling(cfg, body, device: torch.device, s: BenchSettings) -> list[dic
                 return pair(images)
 
         sec = _measure(infer, device, s)
-        rows.append(_row("resnet50_x2_inference", "inference", s.inference_batch, sec, device, facts))
+        rows.append(_row("backbones_x2_inference", "inference", s.inference_batch, sec, device, facts))
         pair.train()
         bs = cfg.vqhps.batch_size
         batch = {"image": bench_images(cfg, bs, device, offset=1)}
@@ -364,7 +364,7 @@ def bench_ceiling(cfg, body, device: torch.device, s: BenchSettings) -> list[dic
 
         step = make_train_step(pair, pair, opt, None, loss_fn, cfg.runtime, cuda_graph=True)
         sec = _measure(lambda: step(batch, 0), device, s)
-        rows.append(_row("resnet50_x2_train_step", "training", bs, sec, device, facts,
+        rows.append(_row("backbones_x2_train_step", "training", bs, sec, device, facts,
                          cuda_graph_train_step=replays_graph(step)))
     return rows
 
@@ -383,7 +383,7 @@ class TrainingRig:
 
 def vqhps_training_rig(cfg, body, vqvae, device: torch.device, global_batch: int, n_images: int) -> TrainingRig:
     """A fresh VQ-HPS (random weights) prepared as training prepares it (channels_last, compiled
-    backbones, DDP under torchrun), its AdamW + StepLR, the VQ-HPS loss with its token table and
+    backbones, DDP under torchrun), its AdamW schedule, the VQ-HPS loss with its token table and
     ``benchmark_batches`` (no meshes, as ``train_vqhps`` with the cross-entropy) over ``n_images``
     random samples with global batch ``global_batch``."""
     from .hps_training import (Schedule, benchmark_batches, build_vqhps, prepare_model, schedule_optimizer,
@@ -396,7 +396,7 @@ def vqhps_training_rig(cfg, body, vqvae, device: torch.device, global_batch: int
                                  meshes=hcfg.loss == "3d")
     torch.manual_seed(cfg.seed)
     model = prepare_model(build_vqhps(hcfg, body, vqvae), cfg, device).train()
-    optimizer, scheduler = schedule_optimizer(model.parameters(), Schedule.of(hcfg), batch_fn.steps_per_epoch,
+    optimizer, scheduler = schedule_optimizer(model.named_parameters(), Schedule.of(hcfg), batch_fn.steps_per_epoch,
                                               device)
     tokens = token_table(vqvae, body, arrays, device)  # before any timed step, even without warm-up
     loss_fn = vqhps_loss_fn(vqvae, body, hcfg, lambda: tokens)
@@ -501,9 +501,9 @@ def attach_ratios(rows: list[dict]) -> dict:
             "training_step_only_ratio_to_ceiling": ratio.get("vqhps_train_step")}
 
 
-RATIO_DEFINITION = ("ratio_to_ceiling = items_per_s / the same run's ceiling rate (two ResNet-50 passes per image "
+RATIO_DEFINITION = ("ratio_to_ceiling = items_per_s / the same run's ceiling rate (two passes of the backbone per image "
                     "at the same batch, precision, memory format and compilation): inference rows over "
-                    "resnet50_x2_inference, training rows and the input pipeline over resnet50_x2_train_step. "
+                    "backbones_x2_inference, training rows and the input pipeline over backbones_x2_train_step. "
                     "training_ratio_to_ceiling is the training step with its input (what a training run "
                     "achieves); training_step_only_ratio_to_ceiling reuses one prepared batch.")
 

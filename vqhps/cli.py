@@ -6,109 +6,15 @@ each joins the process group first; caches on disk are filled by rank 0 before t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import types
-import typing
 from pathlib import Path
-from typing import Any
 
-_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 #: parts of `python -m vqhps bench` (vqhps.bench.PARTS; repeated here so --help needs no torch)
 _BENCH_PARTS = ("rendering", "ceiling", "vqhps", "data", "mesh_vqvae")
 
 
-# ----------------------------------------------------------------------------- --set overrides
-def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
-    """``["vqvae.lr=1e-3", "runtime.amp=false"]`` -> ``{"vqvae.lr": 0.001, "runtime.amp": False}``, each
-    value converted to its config field's type (int, float, bool, str, Path, tuples, Literal, None)."""
-    from .config import Config
-
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, raw = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--set expects key=value with a dotted config key (e.g. vqvae.lr=1e-3), got {pair!r}")
-        out[key] = _coerce(raw.strip(), _field_type(Config, key), key)
-    return out
-
-
-def _field_type(cls: type, dotted: str) -> Any:
-    """The declared type of a dotted field of a config dataclass."""
-    tp: Any = cls
-    walked = []
-    for name in dotted.split("."):
-        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
-            raise ValueError(f"config key {dotted!r}: {'.'.join(walked)} is a value, not a section")
-        hints = typing.get_type_hints(tp)
-        names = [f.name for f in dataclasses.fields(tp)]
-        if name not in names:
-            where = ".".join(walked) or "the config"
-            raise ValueError(f"config key {dotted!r}: {where} has no field {name!r}; choose one of {names}")
-        tp = hints[name]
-        walked.append(name)
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        raise ValueError(f"config key {dotted!r} is a section; set one of its fields, e.g. {dotted}."
-                         f"{dataclasses.fields(tp)[0].name}=...")
-    return tp
-
-
-def _coerce(raw: str, tp: Any, key: str) -> Any:
-    """``raw`` converted to type ``tp``; ValueError naming the key and the expected type otherwise."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if raw.lower() in ("none", "null") and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(raw, option, key)
-            except ValueError as err:
-                errors.append(str(err))
-        raise ValueError(f"--set {key}={raw}: not a valid {tp} ({'; '.join(errors)})")
-    if origin is typing.Literal:
-        for choice in args:
-            if str(choice) == raw or (isinstance(choice, str) and choice.lower() == raw.lower()):
-                return choice
-        raise ValueError(f"--set {key}={raw}: choose one of {list(args)}")
-    if origin is tuple:
-        items = [s.strip() for s in raw.strip("()[] ").split(",") if s.strip()]
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(s, args[0], key) for s in items)
-        if len(items) != len(args):
-            raise ValueError(f"--set {key}={raw}: expected {len(args)} comma-separated values")
-        return tuple(_coerce(s, a, key) for s, a in zip(items, args))
-    if tp is bool:
-        if raw.lower() in _TRUE | _FALSE:
-            return raw.lower() in _TRUE
-        raise ValueError(f"--set {key}={raw}: expected true or false")
-    if tp is int:
-        try:
-            return int(raw.replace("_", ""))
-        except ValueError:
-            number = _as_float(raw, key, "an integer")
-            if number.is_integer():
-                return int(number)
-            raise ValueError(f"--set {key}={raw}: expected an integer") from None
-    if tp is float:
-        return _as_float(raw, key, "a number")
-    if tp is str:
-        return raw
-    if tp is Path:
-        return Path(raw).expanduser().resolve()
-    raise ValueError(f"--set {key}: fields of type {tp} cannot be set from the command line")
-
-
-def _as_float(raw: str, key: str, what: str) -> float:
-    try:
-        return float(raw.replace("_", ""))
-    except ValueError:
-        raise ValueError(f"--set {key}={raw}: expected {what}") from None
-
-
 def _config(args):
-    from .config import load_config
+    from .config import load_config, parse_overrides
 
     return load_config(args.profile, **parse_overrides(getattr(args, "set", None)))
 
@@ -428,7 +334,8 @@ def _sweep_vae(args) -> int:
 def _reproduce(args) -> int:
     from .reproduce import reproduce
 
-    return reproduce(args.profile, nproc=args.nproc, only=args.only, overlap=args.overlap, runner=args.runner)
+    return reproduce(args.profile, nproc=args.nproc, only=args.only, overlap=args.overlap, runner=args.runner,
+                     overrides=args.set)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -436,12 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, func, help: str, overrides: bool = True) -> argparse.ArgumentParser:
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         p.add_argument("--profile", default="smoke", help="smoke (2-core CPU) or full (GPU)")
-        if overrides:
-            p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                           help="override a config field, e.g. --set vqvae.lr=1e-3 (repeatable)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                       help="override a config field, e.g. --set vqvae.lr=1e-3 (repeatable)")
         p.set_defaults(func=func)
         return p
 
@@ -490,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(vqhps, vqhps_rot, a Table 2 run, hmr, cliff, fastmetro, or any run trained with `train`)")
     p.add_argument("--split", choices=("val", "test"), default="test")
 
-    p = command("bench", _bench, "throughput of VQ-HPS against its two-ResNet-50 ceiling, of its input pipeline, "
+    p = command("bench", _bench, "throughput of VQ-HPS against its two-backbone ceiling, of its input pipeline, "
                 "the Mesh-VQ-VAE and rendering; JSON + CSV under results/<profile>/bench/")
     p.add_argument("--only", nargs="+", metavar="PART", choices=_BENCH_PARTS,
                    help=f"parts to run (default all): {' '.join(_BENCH_PARTS)}")
@@ -522,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "to the JSON and a spread-coloured overlay and mesh (default 0: off; temperature and "
                         "top-k: --set uncertainty.temperature=T --set uncertainty.top_k=N)")
 
-    p = command("reproduce", _reproduce, "run notebooks/0*.ipynb in order with papermill", overrides=False)
+    p = command("reproduce", _reproduce, "run notebooks/0*.ipynb in order with papermill")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for the training notebooks")
     p.add_argument("--only", nargs="*", help="notebook name prefixes to run, e.g. 00 01")
     p.add_argument("--overlap", action="store_true",

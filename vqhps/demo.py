@@ -11,8 +11,13 @@ Conventions:
   longer side (the shorter side is padded).
 * Images smaller than ``MIN_SIDE`` pixels on a side or larger than ``MAX_PIXELS`` are refused
   (ValueError naming the size and the limit); huge images are not downscaled silently.
-* The overlay camera: VQ-HPS predicts a weak-perspective camera ``[s, tx, ty]`` that maps a camera-
-  frame point X (metres, OpenCV axes) to crop units ``s * X[:2] + t`` in [-1, 1]. The overlay places
+* The frame: VQ-HPS sees the crop only, so its rotation and mesh are in the crop's own camera, the
+  camera looking straight through the box centre (OpenCV axes: x right, y down, z along that ray).
+  An image comes without intrinsics, so no full-frame camera is assumed: the crop's camera is the
+  output frame (Rc = identity). With a known K, ``vqhps.geometry.crop_camera_rotation(bbox, K) @
+  rotation`` is the rotation in the full frame's camera.
+* The overlay camera: VQ-HPS predicts a weak-perspective camera ``[s, tx, ty]`` that maps a crop-
+  camera-frame point X (metres) to crop units ``s * X[:2] + t`` in [-1, 1]. The overlay places
   the mesh at ``X + (tx / s, ty / s, z)`` with ``z = OVERLAY_DEPTH`` metres and renders it with a
   pinhole of focal ``f = z * s * S / 2`` pixels and principal point at the crop centre, so every point
   at depth z lands exactly where the weak-perspective camera puts it; with z large against the
@@ -33,7 +38,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write
-from .data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from .data.sample import crop_and_resize
 
 #: smallest image side accepted (pixels)
@@ -109,11 +113,9 @@ def crop(image: np.ndarray, bbox=None, size: int = 224) -> tuple[np.ndarray, np.
 
 
 def to_network_input(patch: np.ndarray) -> torch.Tensor:
-    """uint8 (S, S, 3) crop -> ImageNet-normalised float (1, 3, S, S), as in ``prepare_batch``."""
-    x = torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1)[None].float() / 255.0
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    """uint8 (S, S, 3) crop -> float (1, 3, S, S) in [0, 1], as ``prepare_batch`` gives (the model's
+    backbones normalise it)."""
+    return torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1)[None].float() / 255.0
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -135,8 +137,8 @@ class Predictor:
     @torch.no_grad()
     def predict(self, image: np.ndarray, bbox=None, samples: int = 0) -> dict[str, Any]:
         """uint8 RGB image (H, W, 3) [+ box] -> dict(vertices (V, 3) oriented mesh = canonical @ R^T,
-        canonical (V, 3), rotmat (3, 3), cam (3,) = [s, tx, ty], token_ids (54,), bbox (4,) the
-        square box used, crop (S, S, 3) uint8), numpy arrays. With ``samples`` K > 0 it adds the
+        canonical (V, 3), rotmat (3, 3) R in the crop's camera (module docstring), cam (3,) = [s, tx, ty],
+        token_ids (54,), bbox (4,) the square box used, crop (S, S, 3) uint8), numpy arrays. With ``samples`` K > 0 it adds the
         token-sampling uncertainty (``vqhps.uncertainty``, settings from cfg.uncertainty, seeded):
         vertex_spread (V,) mm, spread (its mean, mm) and uncertainty (the settings used)."""
         from .uncertainty import batch_generator, oriented_prediction, sample_tokens, spread_of_ids
@@ -245,8 +247,9 @@ def write_outputs(pred: dict, faces: np.ndarray, out_dir: Path, stem: str, sourc
         "bbox": [float(v) for v in pred["bbox"]],
         "bbox_convention": "x0 y0 x1 y1, full-image pixels, pixel centres at integers, square",
         "rotation": pred["rotmat"].tolist(),
+        "rotation_frame": "the crop's camera: looking through the box centre, OpenCV axes (x right, y down)",
         "camera": {"weak_perspective": [float(v) for v in pred["cam"]],
-                   "meaning": "crop units in [-1, 1] = s * X[:2] + [tx, ty], X camera-frame metres (OpenCV axes)",
+                   "meaning": "crop units in [-1, 1] = s * X[:2] + [tx, ty], X in metres in the crop's camera frame",
                    "overlay_K": K.tolist(), "overlay_translation": t.tolist(), "crop_size": int(pred["crop"].shape[0])},
         "token_ids": [int(v) for v in pred["token_ids"]],
     }

@@ -19,10 +19,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .data.synthetic import LIGHT_NAMES  # noqa: E402
-from .metrics import METRIC_COLUMNS  # noqa: E402
+from .metrics import METRIC_COLUMNS, ROT_FLIP_DEG  # noqa: E402
 
-#: a rotation error at least this large (degrees) counts as a flip: the body seen facing the other way
-FLIP_THRESHOLD_DEG = 135.0
 #: occluded fraction above which the benchmark calls an image heavily occluded (not valid)
 HEAVY_OCCLUSION = 0.3
 #: the conditions the benchmark labels, as (column of ``condition_bins``, title)
@@ -43,9 +41,9 @@ def load_per_sample(results_dir: Path, name: str = "vqhps_per_sample") -> dict[s
     return {m: df.drop(columns="method").reset_index(drop=True) for m, df in table.groupby("method", sort=False)}
 
 
-def flips(per_sample: pd.DataFrame, threshold: float = FLIP_THRESHOLD_DEG) -> np.ndarray:
-    """(n,) bool: samples whose rotation error is at least ``threshold`` degrees (NaN: not a flip)."""
-    return (per_sample["rot_err_deg"].to_numpy(dtype=np.float64) >= threshold)
+def flips(per_sample: pd.DataFrame, threshold: float = ROT_FLIP_DEG) -> np.ndarray:
+    """(n,) bool: samples whose rotation error exceeds ``threshold`` degrees (NaN: not a flip)."""
+    return (per_sample["rot_err_deg"].to_numpy(dtype=np.float64) > threshold)
 
 
 def condition_bins(per_sample: pd.DataFrame) -> pd.DataFrame:
@@ -64,9 +62,9 @@ def condition_bins(per_sample: pd.DataFrame) -> pd.DataFrame:
 
 
 def error_by_condition(per_sample: pd.DataFrame, metrics: Sequence[str] = (*METRIC_COLUMNS, "rot_err_deg"),
-                       threshold: float = FLIP_THRESHOLD_DEG) -> pd.DataFrame:
+                       threshold: float = ROT_FLIP_DEG) -> pd.DataFrame:
     """Mean errors per condition bin: index (condition, bin), columns n, the ``metrics`` (mm, deg) and
-    flip_% (share of samples with a rotation error >= ``threshold``). Empty bins are kept with n = 0."""
+    flip_% (share of samples with a rotation error above ``threshold``). Empty bins are kept with n = 0."""
     bins = condition_bins(per_sample)
     data = per_sample[list(metrics)].astype(float).assign(flip_pct=100.0 * flips(per_sample, threshold))
     parts = []
@@ -95,7 +93,7 @@ def _case_title(row: pd.Series) -> str:
 
 
 def worst_cases_figure(cases: pd.DataFrame, arrays: dict[str, np.ndarray], predictions: dict[str, np.ndarray],
-                       truth: dict[str, np.ndarray], faces: np.ndarray, threshold: float = FLIP_THRESHOLD_DEG):
+                       truth: dict[str, np.ndarray], faces: np.ndarray, threshold: float = ROT_FLIP_DEG):
     """One row per case: the input crop, the predicted mesh over it and the ground truth over it, each
     with its own crop camera (``figures_eval.predict_samples`` on the cases' indices gives both
     ``predictions`` and ``truth``: vertices (N, V, 3), cam (N, 3)); flips are marked in the title."""
@@ -110,7 +108,7 @@ def worst_cases_figure(cases: pd.DataFrame, arrays: dict[str, np.ndarray], predi
             crop = arrays["image"][i]
             panels = (crop, *(render_overlay({"crop": crop, "cam": p["cam"][r], "vertices": p["vertices"][r]}, faces,
                                              renderer) for p in (predictions, truth)))
-            flip = " (flip)" if float(row["rot_err_deg"]) >= threshold else ""
+            flip = " (flip)" if float(row["rot_err_deg"]) > threshold else ""
             for c, (img, title) in enumerate(zip(panels, (_case_title(row), f"prediction{flip}", "ground truth"))):
                 ax = axes[r, c]
                 ax.imshow(img)
@@ -121,11 +119,11 @@ def worst_cases_figure(cases: pd.DataFrame, arrays: dict[str, np.ndarray], predi
 
 
 # ---------------------------------------------------------------------------------------- figures
-def rotation_error_figure(frames: dict[str, pd.DataFrame], threshold: float = FLIP_THRESHOLD_DEG):
-    """Left: histogram of the rotation error (deg) of each method, the flip region (>= ``threshold``)
+def rotation_error_figure(frames: dict[str, pd.DataFrame], threshold: float = ROT_FLIP_DEG):
+    """Left: histogram of the rotation error (deg) of each method, the flip region (above ``threshold``)
     shaded and each method's flip share in the legend. Right: PVE of flipped against other samples."""
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1.6, 1]})
-    ax.axvspan(threshold, 180, color="crimson", alpha=0.12, label=f"flips (≥ {threshold:.0f}°)")
+    ax.axvspan(threshold, 180, color="crimson", alpha=0.12, label=f"flips (> {threshold:.0f}°)")
     edges = np.linspace(0, 180, 37)
     box_data, box_labels = [], []
     for name, df in frames.items():
@@ -186,7 +184,7 @@ def _count(n: int, one: str, many: str) -> str:
 
 def failure_analysis_markdown(per_sample: pd.DataFrame, method: str = "VQ-HPS", n_worst: int = 6,
                               spearman: pd.DataFrame | None = None,
-                              threshold: float = FLIP_THRESHOLD_DEG) -> str:
+                              threshold: float = ROT_FLIP_DEG) -> str:
     """A short written analysis (markdown) of one method's per-sample frame: mean errors, the worst
     images, flips, errors by condition and, given ``spearman`` (``uncertainty.spearman_table``), how
     well the token spread ranks the errors. Every number in it is computed here from the inputs."""
@@ -208,8 +206,8 @@ def failure_analysis_markdown(per_sample: pd.DataFrame, method: str = "VQ-HPS", 
 
     rot = per_sample["rot_err_deg"].to_numpy(dtype=np.float64)
     if np.isfinite(rot).any():
-        text = (f"**Flips.** {100 * flip.mean():.1f}% of the images ({int(flip.sum())}) have a rotation error of "
-                f"{threshold:.0f}° or more (mean rotation error {np.nanmean(rot):.1f}°).")
+        text = (f"**Flips.** {100 * flip.mean():.1f}% of the images ({int(flip.sum())}) have a rotation error above "
+                f"{threshold:.0f}° (mean rotation error {np.nanmean(rot):.1f}°).")
         if flip.any() and (~flip).any():
             text += (f" Their mean PVE is {pve[flip].mean():.1f} mm against {pve[~flip].mean():.1f} mm for the "
                      f"others, while their PA-MPJPE, which ignores the orientation, is {pa[flip].mean():.1f} mm "

@@ -96,6 +96,17 @@ def sample_grid(arrays: dict[str, np.ndarray], indices: list[int], cols: int = 6
     return fig
 
 
+def front_back_figure(body, pose: np.ndarray, shape: np.ndarray, seeds=(0, 1, 2, 3), size: int = 256):
+    """One pose rendered from the front and from the back (yaw 0 and 180 degrees) with a few drawn
+    appearances of the benchmark: face and eyes, hair, and garments whose front differs from the back."""
+    from vqhps.data.synthetic import front_back_views
+
+    views = front_back_views(body, pose, shape, seeds, size)
+    images = [image for pair in views for image in pair]
+    titles = [f"appearance {s}: {side}" for s in seeds for side in ("front", "back")]
+    return image_grid(images, titles, cols=min(len(images), 4), size=2.6)
+
+
 def benchmark_histograms(splits: dict[str, dict[str, np.ndarray]]):
     """Distributions of yaw, phenotypes, focal length and lighting per split."""
     from vqhps.body.anny_body import PHENOTYPES

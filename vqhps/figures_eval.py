@@ -47,7 +47,8 @@ def pick_at_quantiles(values: Sequence[float], quantiles: Sequence[float] = QUAL
 @torch.no_grad()
 def predict_samples(methods: dict[str, ModelFn], arrays: dict[str, np.ndarray], indices: Sequence[int], body, cfg,
                     device: torch.device) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    """Each method's oriented vertices and crop camera on the chosen samples, and the ground truth's:
+    """Each method's oriented vertices (``vertices_crop`` when it has them: the crop-frame mesh its
+    camera projects) and crop camera on the chosen samples, and the ground truth's:
     ({method: dict(vertices (N, V, 3), cam (N, 3))}, dict(vertices, cam)). Every method must return
     ``cam`` (the Mesh-VQ-VAE floor does not: leave it out)."""
     subset = {k: np.asarray(v)[list(indices)] for k, v in arrays.items()}
@@ -58,7 +59,8 @@ def predict_samples(methods: dict[str, ModelFn], arrays: dict[str, np.ndarray], 
             pred = model_fn(batch)
         if "cam" not in pred:
             raise ValueError(f"method {name!r} predicts no camera ('cam'); it cannot be overlaid")
-        out[name] = {k: pred[k].float().cpu().numpy() for k in ("vertices", "cam")}
+        vertices = pred.get("vertices_crop", pred["vertices"])
+        out[name] = {"vertices": vertices.float().cpu().numpy(), "cam": pred["cam"].float().cpu().numpy()}
     cam = translation_to_crop_cam(batch["trans"].float(), bbox_info(batch["bbox"], batch["K"]))
     truth = {"vertices": oriented_targets(batch).cpu().numpy(), "cam": cam.cpu().numpy()}
     return out, truth

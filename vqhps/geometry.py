@@ -165,6 +165,42 @@ def similarity_procrustes(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return scale[..., None, None] * (xp @ R.transpose(-1, -2)) + mu_g
 
 
+def project_to_so3(M: torch.Tensor) -> torch.Tensor:
+    """(..., 3, 3) -> the rotation nearest to ``M`` in the Frobenius norm: ``U diag(1, 1, d) V^T``
+    from the SVD ``M = U S V^T``, with d = det(U V^T) so the result has det +1."""
+    U, _, Vh = torch.linalg.svd(M)
+    d = torch.linalg.det(U @ Vh)
+    d = torch.where(d < 0, -torch.ones_like(d), torch.ones_like(d))
+    Z = torch.stack((torch.ones_like(d), torch.ones_like(d), d), dim=-1)
+    return U @ torch.diag_embed(Z) @ Vh
+
+
+def chordal_mean_rotation(R: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 3) rotations -> (3, 3) their chordal L2 mean: the arithmetic mean of the matrices
+    projected back to SO(3) (``project_to_so3``), the rotation minimising sum_i ||R - R_i||_F^2."""
+    return project_to_so3(R.mean(dim=0))
+
+
+def crop_camera_rotation(bbox: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """(B, 4) boxes (x0, y0, x1, y1, full-frame pixels) and (B, 3, 3) or (3, 3) pinhole intrinsics ->
+    (B, 3, 3) rotation of the crop's camera: the smallest rotation (axis perpendicular to the optical
+    axis and the ray) taking the optical axis z onto the ray ``K^-1 [cx, cy, 1]`` through the box
+    centre. A crop sits off the optical axis; this is the camera it is seen from (identity on the axis)."""
+    dtype = torch.promote_types(bbox.dtype, K.dtype)
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    bbox, K = bbox.to(dtype), K.to(device=bbox.device, dtype=dtype).expand(bbox.shape[0], 3, 3)
+    cx, cy = (bbox[:, 0] + bbox[:, 2]) / 2, (bbox[:, 1] + bbox[:, 3]) / 2  # the crop's centre pixel
+    # K^-1 of an upper-triangular pinhole, written out (linalg.solve would check for errors on the host)
+    y = (cy - K[:, 1, 2]) / K[:, 1, 1]
+    x = (cx - K[:, 0, 2] - K[:, 0, 1] * y) / K[:, 0, 0]
+    ray = F.normalize(torch.stack((x, y, torch.ones_like(x)), dim=-1), dim=-1)
+    x, y, z = ray.unbind(-1)
+    h = 1.0 / (1.0 + z)  # Rodrigues' formula for axis z x ray, cos = z, written without dividing by sin
+    return torch.stack((1 - h * x * x, -h * x * y, x,
+                        -h * x * y, 1 - h * y * y, y,
+                        -x, -y, z), dim=-1).reshape(-1, 3, 3)
+
+
 def random_rotations(n: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
                      device: torch.device | str | None = None) -> torch.Tensor:
     """(n, 3, 3) rotations uniform on SO(3) (normalised Gaussian quaternions)."""
@@ -184,5 +220,5 @@ def random_rotations(n: int, generator: torch.Generator | None = None, dtype: to
 __all__ = [
     "IDENTITY_6D", "rot6d_to_matrix", "matrix_to_rot6d", "skew", "axis_angle_to_matrix",
     "matrix_to_quaternion", "matrix_to_axis_angle", "rotation_angle_deg", "weak_perspective_project",
-    "perspective_project", "similarity_procrustes", "random_rotations",
+    "perspective_project", "similarity_procrustes", "random_rotations", "crop_camera_rotation",
 ]

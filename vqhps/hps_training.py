@@ -2,12 +2,14 @@
 Sec. 4.3) and, through the same generic pieces, the baselines.
 
 Generic pieces (any model): ``benchmark_batches`` (a batch is a pure function of the step, so runs
-resume exactly), ``Schedule`` + ``fit`` (AdamW, StepLR, validation once per epoch, on top of
+resume exactly), ``Schedule`` + ``fit`` (AdamW, step decay, validation once per epoch, on top of
 ``vqhps.train.train``), ``iterate_split`` / ``predict_split`` / ``evaluate_split`` (a model is a
 ``model_fn(batch) -> dict(vertices (B, V, 3)[, rotmat (B, 3, 3)])`` over prepared, un-augmented
 batches), ``metrics_table``, ``history_frame`` and ``learning_curves_figure``.
 VQ-HPS specifics live in small functions: ``build_vqhps``, ``vqhps_loss_fn``, ``vqhps_predictor``,
-``vqvae_floor_predictor``, ``train_vqhps``, ``train_vqhps_rot`` and ``load_vqhps``.
+``vqvae_floor_predictor``, ``train_vqhps``, ``train_vqhps_rot`` and ``load_vqhps``; the
+"learned nothing" references: ``mean_body_predictor`` (Table 1's mean body) and
+``marginal_token_entropy`` (the token cross-entropy of a model that ignores the image).
 """
 from __future__ import annotations
 
@@ -16,22 +18,23 @@ import functools
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import token_cache
 from .checkpoint import CheckpointMismatch, check_meta, load_checkpoint, read_meta, state_fingerprint
 from .config import VQHPSConfig
 from .data import synthetic
-from .data.datasets import Augmentation, BenchmarkDataset, canonical_targets, prepare_batch
+from .data.datasets import Augmentation, BenchmarkDataset, canonical_targets, prepare_batch, rotation_target
 from .distributed import current
-from .geometry import rotation_angle_deg, rotation_angle_up_to_turn_deg
+from .geometry import chordal_mean_rotation, crop_camera_rotation, rotation_angle_deg, rotation_angle_up_to_turn_deg
 from .losses import rotation_mse
-from .metrics import METRIC_COLUMNS, evaluate_meshes, summarise
+from .metrics import METRIC_COLUMNS, ROT_FLIP_DEG, evaluate_meshes, summarise
 from .models.layers import REGRESSION_MLP
 from .models.vqhps import VQHPS, vqhps_losses
 from .train import TrainResult, autocast, device_of, new_iteration, rank_slice, step_indices, train
@@ -42,7 +45,7 @@ BATCH_KEYS = tuple(k for k in BenchmarkDataset.KEYS if k != "subject")
 #: per-sample labels copied next to the metrics (failure analysis by light, occlusion, yaw ...)
 LABEL_COLUMNS = ("valid", "light", "occlusion", "in_frame", "yaw", "subject")
 #: VQHPSConfig fields that fix the shapes and meaning of the weights
-ARCHITECTURE_FIELDS = ("d_model", "n_heads", "enc_layers", "dec_layers", "mlp_hidden", "rot_hidden",
+ARCHITECTURE_FIELDS = ("backbone", "d_model", "n_heads", "enc_layers", "dec_layers", "mlp_hidden", "rot_hidden",
                        "condition_on_camera", "refine_rotation", "heading_bins")
 
 ModelFn = Callable[[dict], dict]
@@ -97,7 +100,9 @@ def benchmark_batches(cfg, arrays: dict[str, np.ndarray], body, device: torch.de
 # ---------------------------------------------------------------------------------------- training
 @dataclass(frozen=True)
 class Schedule:
-    """The authors' optimisation: AdamW, StepLR every ``lr_step_epochs`` epochs by ``lr_gamma``."""
+    """The authors' optimisation, AdamW with a step decay by ``lr_gamma`` every ``lr_step_epochs``
+    epochs, plus the fine-tuning of pretrained backbones: their parameters at ``backbone_lr_scale``
+    times the rate of the rest, and a linear warm-up over the first ``warmup_steps`` steps."""
 
     epochs: int
     batch_size: int
@@ -105,11 +110,14 @@ class Schedule:
     weight_decay: float
     lr_step_epochs: int
     lr_gamma: float
+    backbone_lr_scale: float = 1.0
+    warmup_steps: int = 0
 
     @classmethod
     def of(cls, c) -> "Schedule":
         """From any config with these fields (VQHPSConfig, a baseline's config)."""
-        return cls(c.epochs, c.batch_size, c.lr, c.weight_decay, c.lr_step_epochs, c.lr_gamma)
+        return cls(c.epochs, c.batch_size, c.lr, c.weight_decay, c.lr_step_epochs, c.lr_gamma,
+                   c.backbone_lr_scale, c.warmup_steps)
 
 
 def _epoch_ended(done: int, log_every: int, steps_per_epoch: int) -> bool:
@@ -117,42 +125,73 @@ def _epoch_ended(done: int, log_every: int, steps_per_epoch: int) -> bool:
     return done // steps_per_epoch > max(done - log_every, 0) // steps_per_epoch
 
 
-def schedule_optimizer(params, schedule: Schedule, steps_per_epoch: int, device: torch.device
-                       ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.StepLR]:
-    """AdamW (fused on CUDA) over the trainable ``params`` and its StepLR, as ``fit`` trains with."""
-    params = [p for p in params if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay,
-                                  fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(schedule.lr_step_epochs * steps_per_epoch, 1),
-                                                gamma=schedule.lr_gamma)
+def is_backbone_parameter(name: str) -> bool:
+    """Whether a parameter name belongs to an image backbone (``backbone``, ``rot_backbone``,
+    ``mesh_backbone``, also under a DDP or compile wrapper)."""
+    return any(part.endswith("backbone") for part in name.split(".")[:-1])
+
+
+def parameter_groups(named_params, schedule: Schedule) -> list[dict]:
+    """The trainable parameters split into AdamW groups: backbones at ``backbone_lr_scale`` x the
+    rate, everything else at the rate (empty groups left out)."""
+    backbone, heads = [], []
+    for name, p in named_params:
+        if p.requires_grad:
+            (backbone if is_backbone_parameter(name) else heads).append(p)
+    groups = [{"params": heads, "lr": schedule.lr},
+              {"params": backbone, "lr": schedule.lr * schedule.backbone_lr_scale}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_factor(step: int, schedule: Schedule, steps_per_epoch: int) -> float:
+    """Multiplier of each group's rate after ``step`` optimizer steps: linear warm-up to 1 over
+    ``warmup_steps``, times ``lr_gamma`` per ``lr_step_epochs`` epochs completed."""
+    warm = min(1.0, (step + 1) / schedule.warmup_steps) if schedule.warmup_steps > 0 else 1.0
+    return warm * schedule.lr_gamma ** (step // max(schedule.lr_step_epochs * steps_per_epoch, 1))
+
+
+def schedule_optimizer(named_params, schedule: Schedule, steps_per_epoch: int, device: torch.device
+                       ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (fused on CUDA) over the trainable ``named_params`` ((name, parameter) pairs, as
+    ``model.named_parameters()`` yields), grouped by ``parameter_groups``, and its ``lr_factor``
+    schedule, as ``fit`` trains with."""
+    optimizer = torch.optim.AdamW(parameter_groups(named_params, schedule), lr=schedule.lr,
+                                  weight_decay=schedule.weight_decay, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, schedule=schedule, steps_per_epoch=steps_per_epoch))
     return optimizer, scheduler
 
 
 def fit(cfg, name: str, model: torch.nn.Module, loss_fn, schedule: Schedule, train_arrays: dict, body,
-        meta: dict, *, params: list[torch.nn.Parameter] | None = None, augment: bool = True,
+        meta: dict, *, params: list[tuple[str, torch.nn.Parameter]] | None = None, augment: bool = True,
         stop_after: int | None = None, predictor: Callable[[torch.nn.Module], ModelFn] | None = None,
-        val_arrays: dict | None = None, meshes: bool = True) -> TrainResult:
+        val_arrays: dict | None = None, meshes: bool = True,
+        val_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None) -> TrainResult:
     """Train ``model`` (already on its device) on ``train_arrays`` for ``schedule.epochs`` epochs with
-    AdamW over ``params`` (default: every parameter) and StepLR, checkpointing to
+    AdamW over ``params`` ((name, parameter) pairs; default: every named parameter) on ``schedule``, checkpointing to
     ``results/<profile>/checkpoints/<name>.pt`` and resuming from it. With ``predictor`` (model ->
     model_fn) and ``val_arrays``, the validation metrics (val_PVE, val_MPJPE, val_PA-MPJPE,
-    val_rot_err_deg) are logged at the first log row after each epoch. ``meshes=False``: training
-    batches come without ground-truth canonical meshes (``loss_fn`` does not read them)."""
+    val_rot_err_deg, val_rot_err_median_deg, val_rot_flip_share) are logged at the first log row after
+    each epoch; ``val_fn`` (model -> {name: value}), when given, replaces that evaluation (VQ-HPS's,
+    ``vqhps_validation``, adds val_token_ce). ``meshes=False``: training batches come without
+    ground-truth canonical meshes (``loss_fn`` does not read them)."""
     device = next(model.parameters()).device
     batch_fn = benchmark_batches(cfg, train_arrays, body, device, augment, schedule.batch_size, meshes=meshes)
     spe = batch_fn.steps_per_epoch
     total = schedule.epochs * spe
-    optimizer, scheduler = schedule_optimizer(params if params is not None else model.parameters(), schedule,
+    optimizer, scheduler = schedule_optimizer(params if params is not None else model.named_parameters(), schedule,
                                               spe, device)
     log_every = cfg.runtime.log_every
-    validate = predictor is not None and val_arrays is not None
+    validate = val_fn is not None or (predictor is not None and val_arrays is not None)
 
     def eval_fn(m: torch.nn.Module, done: int) -> dict[str, float]:
         if not (_epoch_ended(done, log_every, spe) or done == total):
             return {}
+        if val_fn is not None:
+            return val_fn(m)
         _, summary = evaluate_split(predictor(m), val_arrays, body, cfg, device, schedule.batch_size,
                                     progress=False)
-        return {f"val_{k}": float(v) for k, v in summary.loc["full"].items()}
+        return validation_row(summary)
 
     meta = {**meta, "schedule": asdict(schedule), "steps_per_epoch": spe}
     return train(name, model, optimizer, scheduler, batch_fn, loss_fn, total, checkpoint_dir(cfg), cfg.runtime,
@@ -192,6 +231,7 @@ def vqhps_meta(hcfg: VQHPSConfig, body, vqvae, vqvae_stage: str) -> dict:
     config = asdict(hcfg)
     return {"kind": "vqhps", "config": config, "body_id": body.identifier(), "hierarchy_hash": vqvae.hierarchy_hash,
             "vqvae_stage": vqvae_stage, "vqvae_fingerprint": vqvae_fingerprint(vqvae),
+            "backbone": hcfg.backbone,
             "backbone_weights": "scratch" if hcfg.backbone_weights is None else str(hcfg.backbone_weights),
             "architecture": {**{k: config[k] for k in ARCHITECTURE_FIELDS}, "mlp": REGRESSION_MLP, "n_tokens": vqvae.n_tokens,
                              "codebook_size": vqvae.codebook_size},
@@ -257,8 +297,8 @@ def vqhps_loss_fn(vqvae, body, hcfg: VQHPSConfig, tokens: Callable[[], torch.Ten
     """``loss_fn(model, batch, step)`` of VQ-HPS: ground-truth token ids looked up by the batch's
     sample index and flip in the table ``tokens()`` returns (``token_table``; called once, at the
     first step), or without ``tokens`` encoded from the batch's canonical meshes by the frozen
-    Mesh-VQ-VAE (fp32); the paper's losses (``vqhps_losses``), plus rotation error (deg) and token
-    accuracy."""
+    Mesh-VQ-VAE (fp32); the paper's losses (``vqhps_losses``), plus rotation error (deg, against
+    ``crop_rot``, the crop camera's rotation it learns) and token accuracy."""
     table = functools.cache(tokens) if tokens is not None else None
 
     def loss_fn(model, batch: dict, step: int) -> dict[str, torch.Tensor]:
@@ -274,7 +314,7 @@ def vqhps_loss_fn(vqvae, body, hcfg: VQHPSConfig, tokens: Callable[[], torch.Ten
         losses = vqhps_losses(out, batch, vqvae, body, hcfg)
         result = {"loss": losses.pop("total"), **{k: v.detach() for k, v in losses.items()}}
         with torch.no_grad():
-            R_pred, R_gt = out["rotmat"].float(), batch["root_rot"].float()
+            R_pred, R_gt = out["rotmat"].float(), rotation_target(batch, "crop")
             result["rot_err_deg"] = rotation_angle_deg(R_pred, R_gt).mean()
             result["rot_err_up_to_turn_deg"] = rotation_angle_up_to_turn_deg(R_pred, R_gt).mean()
             result["token_acc"] = (out["ids"] == batch["token_ids"]).float().mean()
@@ -283,9 +323,31 @@ def vqhps_loss_fn(vqvae, body, hcfg: VQHPSConfig, tokens: Callable[[], torch.Ten
     return loss_fn
 
 
+def camera_frame_prediction(pred: dict, batch: dict) -> dict:
+    """A crop-only model's prediction (rotation and meshes in the crop's own camera) in the full frame's
+    camera, as ``evaluate_split`` compares: ``rotmat`` (and ``rotmat_initial``) -> Rc @ R, ``vertices``,
+    ``joints24``, ``joints17`` -> @ Rc^T, with Rc = ``crop_camera_rotation(bbox, K)``; the crop-frame
+    ones stay as ``rotmat_crop`` and ``vertices_crop`` (what the predicted weak-perspective ``cam``
+    projects). A batch without bbox and K is its own crop camera: ``pred`` is returned as it is."""
+    if "bbox" not in batch or "K" not in batch:
+        return pred
+    rc = crop_camera_rotation(batch["bbox"], batch["K"]).float()
+    out = {**pred, "vertices_crop": pred["vertices"]}
+    for key in ("vertices", "joints24", "joints17"):
+        if key in pred:
+            out[key] = pred[key].float() @ rc.transpose(-1, -2)
+    if "rotmat" in pred:
+        out["rotmat_crop"] = pred["rotmat"]
+    for key in ("rotmat", "rotmat_initial"):
+        if key in pred:
+            out[key] = rc @ pred[key].float()
+    return out
+
+
 def vqhps_predictor(vqvae, body) -> Callable[[torch.nn.Module], ModelFn]:
-    """model -> model_fn: VQ-HPS inference (final rotation: the refined one when there is a refiner)."""
-    return lambda model: (lambda batch: model.predict(batch["image"], vqvae, body))
+    """model -> model_fn: VQ-HPS inference (final rotation: the refined one when there is a refiner),
+    turned from the crop's camera into the full frame's (``camera_frame_prediction``)."""
+    return lambda model: (lambda batch: camera_frame_prediction(model.predict(batch["image"], vqvae, body), batch))
 
 
 def vqvae_floor_predictor(vqvae) -> ModelFn:
@@ -299,6 +361,83 @@ def vqvae_floor_predictor(vqvae) -> ModelFn:
         return {"vertices": recon @ R.transpose(-1, -2), "rotmat": R, "canonical": recon}
 
     return model_fn
+
+
+@torch.no_grad()
+def mean_canonical_mesh(body, arrays: dict[str, np.ndarray], device: torch.device | str = "cpu",
+                        batch_size: int = TOKEN_BATCH) -> torch.Tensor:
+    """(V, 3) float64: the mean over a split of its ground-truth canonical meshes (as stored, not
+    mirrored), posed from ``arrays["pose"]``/``["shape"]`` by ``canonical_targets`` ``batch_size``
+    at a time."""
+    pose, shape = torch.as_tensor(arrays["pose"]), torch.as_tensor(arrays["shape"])
+    body, total = body.to(device), None
+    for start in range(0, len(pose), batch_size):
+        verts = canonical_targets(body, pose[start:start + batch_size], shape[start:start + batch_size])
+        part = verts.double().sum(dim=0)
+        total = part if total is None else total + part
+    return total / len(pose)
+
+
+def mean_root_rotation(arrays: dict[str, np.ndarray]) -> torch.Tensor:
+    """(3, 3) float64: the chordal L2 mean of a split's ``root_rot`` (``geometry.chordal_mean_rotation``:
+    the matrices' mean projected back to SO(3) through an SVD)."""
+    return chordal_mean_rotation(torch.as_tensor(np.asarray(arrays["root_rot"])).double())
+
+
+def mean_body_predictor(body, train_arrays: dict[str, np.ndarray], device: torch.device | str = "cpu",
+                        batch_size: int = TOKEN_BATCH) -> ModelFn:
+    """Table 1's "learned nothing" reference, a ``model_fn`` that ignores the image: the training
+    split's mean canonical mesh (``mean_canonical_mesh``) oriented by its mean rotation
+    (``mean_root_rotation``), the same for every sample. ``train_arrays`` needs pose, shape and
+    root_rot only. Every trained model must beat it."""
+    canonical = mean_canonical_mesh(body, train_arrays, device, batch_size).float()
+    R = mean_root_rotation(train_arrays).float().to(canonical.device)
+    vertices = canonical @ R.T
+
+    def model_fn(batch: dict) -> dict[str, torch.Tensor]:
+        b, dev = batch["image"].shape[0], batch["image"].device
+        return {"vertices": vertices.to(dev).expand(b, -1, -1), "rotmat": R.to(dev).expand(b, 3, 3),
+                "canonical": canonical.to(dev).expand(b, -1, -1)}
+
+    return model_fn
+
+
+def vqhps_validation(vqvae, body, arrays: dict[str, np.ndarray], tokens: Callable[[], torch.Tensor], cfg,
+                     device: torch.device, batch_size: int | None = None) -> Callable[[torch.nn.Module], dict]:
+    """``val_fn`` of ``fit`` for VQ-HPS: in one pass over ``arrays`` (the validation split), the
+    ``evaluate_split`` metrics of ``vqhps_predictor`` (``validation_row``: val_PVE, ...) and
+    ``val_token_ce``, the mean token cross-entropy (nats per token) of the model's logits against
+    ``tokens()[:, 0]`` (``token_table`` of ``arrays``: the ids of the stored, un-mirrored meshes,
+    as the un-augmented evaluation batches show them; called once, at the first validation)."""
+    table = functools.cache(tokens)
+    predictor = vqhps_predictor(vqvae, body)
+
+    def val_fn(model: torch.nn.Module) -> dict[str, float]:
+        logits: list[torch.Tensor] = []
+        total: list[torch.Tensor] = []
+        count = 0
+        predict = predictor(model)
+
+        def model_fn(batch: dict) -> dict[str, torch.Tensor]:
+            nonlocal count
+            logits.clear()
+            out = predict(batch)
+            ids = table()[batch["index"].to(table().device), 0].to(logits[-1].device)
+            with torch.autocast(logits[-1].device.type, enabled=False):
+                lg = logits[-1].float()
+                total.append(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), ids.reshape(-1), reduction="sum"))
+            count += ids.numel()
+            return out
+
+        # the token head's output: the logits ``predict`` argmaxes (a hook keeps predict's own code path)
+        handle = model.mesh.register_forward_hook(lambda module, args, output: logits.append(output))
+        try:
+            _, summary = evaluate_split(model_fn, arrays, body, cfg, device, batch_size, progress=False)
+        finally:
+            handle.remove()
+        return {**validation_row(summary), "val_token_ce": float(torch.stack(total).sum()) / max(count, 1)}
+
+    return val_fn
 
 
 def _arrays(cfg, split: str, given: dict | None) -> dict:
@@ -329,6 +468,18 @@ def _check_vqhps_meta(found: dict, meta: dict, path: Path) -> None:
             f"Mesh-VQ-VAE with load_mesh_vqvae(cfg, body, stage), or delete {path} to retrain") from None
 
 
+def check_backbone(stored: dict, hcfg: VQHPSConfig, path: Path) -> None:
+    """Refuse (CheckpointMismatch) a checkpoint whose backbone or backbone weights differ from the
+    configuration's: every model of a study shares one backbone and initialisation."""
+    for key in ("backbone", "backbone_weights"):
+        found, expected = stored.get(key, "resnet50" if key == "backbone" else None), getattr(hcfg, key)
+        if found != expected:
+            raise CheckpointMismatch(
+                f"checkpoint {path}: trained with {key}={found!r}, but this configuration has {key}={expected!r}; "
+                f"every model of a study shares one backbone: load it with --set vqhps.{key}={found} "
+                f"(cfg.vqhps.{key}), or retrain it with this configuration")
+
+
 def train_vqhps(cfg, body, vqvae, name: str = "vqhps", stop_after: int | None = None, *,
                 vqvae_stage: str = "finetune", train_arrays: dict | None = None, val_arrays: dict | None = None,
                 augment: bool = True, validate: bool = True, **overrides) -> tuple[VQHPS, TrainResult]:
@@ -342,7 +493,7 @@ def train_vqhps(cfg, body, vqvae, name: str = "vqhps", stop_after: int | None = 
     ``name``: ``loss="3d"``, ``use_reprojection=False``, or a pre-train-only Mesh-VQ-VAE
     (``vqvae=load_mesh_vqvae(cfg, body, "pretrain")``, ``vqvae_stage="pretrain"``).
     ``train_arrays``/``val_arrays`` default to the profile's train/val splits; ``validate=False``
-    skips the per-epoch validation."""
+    skips the per-epoch validation (``vqhps_validation``: the val_* metrics and val_token_ce)."""
     hcfg = vqhps_config(cfg, **overrides)
     device = device_of(cfg.runtime)
     body, vqvae = body.to(device), vqvae.to(device).eval()
@@ -352,10 +503,14 @@ def train_vqhps(cfg, body, vqvae, name: str = "vqhps", stop_after: int | None = 
     model = prepare_model(build_vqhps(hcfg, body, vqvae), cfg, device)
     train_arrays = _arrays(cfg, "train", train_arrays)
     tokens = lambda: cached_token_table(cfg, vqvae, body, train_arrays, device)  # noqa: E731
+    val_fn = None
+    if validate:
+        val_arrays = _arrays(cfg, "val", val_arrays)
+        val_tokens = lambda: cached_token_table(cfg, vqvae, body, val_arrays, device)  # noqa: E731
+        val_fn = vqhps_validation(vqvae, body, val_arrays, val_tokens, cfg, device, hcfg.batch_size)
     result = fit(cfg, name, model, vqhps_loss_fn(vqvae, body, hcfg, tokens), Schedule.of(hcfg),
-                 train_arrays, body, meta, augment=augment, stop_after=stop_after,
-                 predictor=vqhps_predictor(vqvae, body) if validate else None,
-                 val_arrays=_arrays(cfg, "val", val_arrays) if validate else None, meshes=hcfg.loss == "3d")
+                 train_arrays, body, meta, augment=augment, stop_after=stop_after, meshes=hcfg.loss == "3d",
+                 val_fn=val_fn)
     return model.eval(), result
 
 
@@ -372,11 +527,12 @@ class _RefinerStage(VQHPS):
 
 
 def vqhps_rot_loss_fn(body, vqvae, hcfg: VQHPSConfig):
-    """``loss_fn`` of the refiner stage: the rotation loss of the refined rotation only."""
+    """``loss_fn`` of the refiner stage: the rotation loss of the refined rotation only (against
+    ``crop_rot``, as VQ-HPS's)."""
 
     def loss_fn(model, batch: dict, step: int) -> dict[str, torch.Tensor]:
         out = model(batch["image"], vqvae, body)
-        R = batch["root_rot"].float()
+        R = rotation_target(batch, "crop")
         with torch.autocast(R.device.type, enabled=False):
             rot_refined = rotation_mse(out["rotmat_refined"].float(), R)
         with torch.no_grad():
@@ -418,9 +574,10 @@ def train_vqhps_rot(cfg, body, vqvae, base_model: VQHPS, name: str = "vqhps_rot"
         p.requires_grad_(pname.startswith("refiner."))
     model = prepare_model(model, cfg, device)
     schedule = Schedule(epochs=rcfg.refine_epochs, batch_size=rcfg.batch_size, lr=rcfg.refine_lr,
-                        weight_decay=rcfg.weight_decay, lr_step_epochs=max(rcfg.refine_epochs, 1), lr_gamma=1.0)
+                        weight_decay=rcfg.weight_decay, lr_step_epochs=max(rcfg.refine_epochs, 1), lr_gamma=1.0,
+                        warmup_steps=rcfg.warmup_steps)
     result = fit(cfg, name, model, vqhps_rot_loss_fn(body, vqvae, rcfg), schedule, _arrays(cfg, "train", train_arrays),
-                 body, meta, params=list(model.refiner.parameters()), augment=augment, stop_after=stop_after,
+                 body, meta, params=list(model.refiner.named_parameters(prefix="refiner")), augment=augment, stop_after=stop_after,
                  predictor=vqhps_predictor(vqvae, body) if validate else None,
                  val_arrays=_arrays(cfg, "val", val_arrays) if validate else None, meshes=False)
     return model.eval(), result
@@ -429,7 +586,8 @@ def train_vqhps_rot(cfg, body, vqvae, base_model: VQHPS, name: str = "vqhps_rot"
 def load_vqhps(path: str | Path, cfg, body, vqvae, device: torch.device | str = "cpu") -> VQHPS:
     """A trained VQ-HPS (or VQ-HPS-rot) in eval mode, built from the architecture its checkpoint
     records. Refuses (CheckpointMismatch) a checkpoint made for another body model, hierarchy or
-    Mesh-VQ-VAE: its token ids would decode to other meshes."""
+    Mesh-VQ-VAE (its token ids would decode to other meshes), or with another backbone than
+    ``cfg.vqhps``'s."""
     path = Path(path)
     state = load_checkpoint(path)
     found = state.get("meta", {})
@@ -437,6 +595,7 @@ def load_vqhps(path: str | Path, cfg, body, vqvae, device: torch.device | str = 
     if found.get("kind") != "vqhps" or not isinstance(stored, dict):
         raise CheckpointMismatch(f"checkpoint {path}: kind is {found.get('kind', '<missing>')!r}, not a VQ-HPS "
                                  f"checkpoint (written by train_vqhps / train_vqhps_rot)")
+    check_backbone(stored, cfg.vqhps, path)
     known = {f.name for f in dataclasses.fields(VQHPSConfig)}
     hcfg = dataclasses.replace(cfg.vqhps, **{k: v for k, v in stored.items() if k in known})
     _check_vqhps_meta(found, vqhps_meta(hcfg, body, vqvae, found.get("vqvae_stage", "?")), path)
@@ -492,7 +651,9 @@ def evaluate_split(model_fn: ModelFn, arrays: dict[str, np.ndarray], body, cfg, 
                    batch_size: int | None = None, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-sample metrics of ``model_fn`` on a split and their summary.
 
-    Ground truth: the oriented mesh canonical @ root_rot^T; prediction: ``model_fn(batch)["vertices"]``
+    Ground truth: the oriented mesh canonical @ root_rot^T, in the full frame's camera (predictors of
+    crop-only models turn their output into it: ``camera_frame_prediction``); prediction:
+    ``model_fn(batch)["vertices"]``
     (both centred on their vertex mean by the metrics, as VQ-HPS's R̂·V̂c is). Returns (per_sample:
     index, PVE, MPJPE, PA-MPJPE (mm), rot_err_deg (NaN without a predicted ``rotmat``) and the labels
     valid, light, occlusion, in_frame, yaw, subject; summary: ``metrics.summarise`` rows full/valid
@@ -520,18 +681,82 @@ def evaluate_split(model_fn: ModelFn, arrays: dict[str, np.ndarray], body, cfg, 
     return per_sample, summarise_with_rotation(per_sample)
 
 
+#: the summaries' rotation columns: mean and median global-rotation error (deg) and the share of
+#: samples whose error exceeds ``ROT_FLIP_DEG`` (a fraction in [0, 1]); NaN for a method without a rotation
+ROTATION_COLUMNS = ("rot_err_deg", "rot_err_median_deg", "rot_flip_share")
+
+
+def rotation_summary(errors) -> dict[str, float]:
+    """Per-sample rotation errors (deg; NaN: no predicted rotation, left out) -> {``ROTATION_COLUMNS``:
+    mean, median, share above ``ROT_FLIP_DEG``}, all NaN when no error is given."""
+    e = np.asarray(errors, dtype=np.float64)
+    e = e[~np.isnan(e)]
+    if e.size == 0:
+        return dict.fromkeys(ROTATION_COLUMNS, float("nan"))
+    return {"rot_err_deg": float(e.mean()), "rot_err_median_deg": float(np.median(e)),
+            "rot_flip_share": float((e > ROT_FLIP_DEG).mean())}
+
+
 def summarise_with_rotation(per_sample: pd.DataFrame) -> pd.DataFrame:
-    """``metrics.summarise`` (rows full/valid, PVE/MPJPE/PA-MPJPE in mm) plus the mean rotation error."""
+    """``metrics.summarise`` (rows full/valid, PVE/MPJPE/PA-MPJPE in mm) plus the rotation columns
+    (``ROTATION_COLUMNS``, ``rotation_summary`` of each subset's ``rot_err_deg``)."""
     summary = summarise(per_sample)
     valid = per_sample["valid"].astype(bool).to_numpy()
-    summary["rot_err_deg"] = [per_sample["rot_err_deg"].mean(), per_sample["rot_err_deg"][valid].mean()]
+    err = per_sample["rot_err_deg"].to_numpy(dtype=np.float64)
+    rows = [rotation_summary(err), rotation_summary(err[valid])]
+    for col in ROTATION_COLUMNS:
+        summary[col] = [r[col] for r in rows]
     return summary
 
 
+def validation_row(summary: pd.DataFrame) -> dict[str, float]:
+    """The full-split row of an ``evaluate_split`` summary as the ``val_<column>`` metrics ``fit`` logs."""
+    return {f"val_{k}": float(v) for k, v in summary.loc["full"].items()}
+
+
 def metrics_table(summaries: dict[str, pd.DataFrame], columns: tuple[str, ...] = METRIC_COLUMNS) -> pd.DataFrame:
-    """{method: summary} -> one table indexed by (method, subset) with the chosen metric columns."""
+    """{method: summary} -> one table indexed by (method, subset) with the chosen metric columns,
+    rounded to 0.01 (``rot_flip_share``, a fraction: to 0.001)."""
     table = pd.concat({name: s[list(columns)] for name, s in summaries.items()}, names=["method", "subset"])
-    return table.round(2)
+    return table.round({c: 3 if c == "rot_flip_share" else 2 for c in table.columns})
+
+
+# ---------------------------------------------------------------------------------------- token entropy
+def marginal_token_entropy(ids: torch.Tensor | np.ndarray) -> float:
+    """(N, T) token ids -> the mean over the T positions of the entropy (nats) of each position's
+    empirical code distribution over the N rows. On the training split's token table it is the token
+    cross-entropy of a model that learned nothing from the image (it predicts each position's
+    training frequencies): a trained VQ-HPS's validation cross-entropy should end well below it."""
+    a = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+    if a.ndim != 2 or a.shape[0] == 0:
+        raise ValueError(f"expected a non-empty (N, T) table of token ids, got shape {a.shape}")
+    entropies = []
+    for column in a.T:
+        _, counts = np.unique(column, return_counts=True)
+        p = counts / counts.sum()
+        entropies.append(float(-(p * np.log(p)).sum()))
+    return float(np.mean(entropies))
+
+
+def train_token_entropy(cfg, vqvae, body, device: torch.device, arrays: dict | None = None) -> float:
+    """``marginal_token_entropy`` of the training split's token table (``cached_token_table``, the one
+    VQ-HPS trained on; its stored, un-mirrored column, as validation images are). ``arrays`` default:
+    the profile's train split (pose and shape only)."""
+    arrays = arrays if arrays is not None else synthetic.load_split(cfg, "train", keys=("pose", "shape"))
+    return marginal_token_entropy(cached_token_table(cfg, vqvae.to(device).eval(), body.to(device), arrays,
+                                                     device)[:, 0])
+
+
+def token_ce_summary(curves: pd.DataFrame, entropy: float, run: str = "VQ-HPS") -> pd.DataFrame:
+    """One row (indexed by ``run``): the last logged validation token cross-entropy of ``run`` in
+    ``curves`` (``history_frame`` rows; NaN if none), the training tokens' marginal entropy, their
+    difference (nats per token) and whether the cross-entropy ends at least 1 nat below the entropy."""
+    rows = curves[curves["run"] == run] if "run" in curves.columns else curves
+    ce = rows["val_token_ce"].dropna() if "val_token_ce" in rows.columns else pd.Series(dtype=float)
+    last = float(ce.iloc[-1]) if len(ce) else float("nan")
+    return pd.DataFrame({"val_token_ce_nats": [last], "train_marginal_entropy_nats": [float(entropy)],
+                         "margin_nats": [float(entropy) - last], "margin_ge_1_nat": [bool(entropy - last >= 1.0)]},
+                        index=pd.Index([run], name="run"))
 
 
 # ---------------------------------------------------------------------------------------- curves
@@ -544,22 +769,32 @@ def history_frame(result: TrainResult, run: str, step_offset: int = 0) -> pd.Dat
     return df.assign(run=run, step=df["step"] + step_offset)
 
 
-#: (column, axis label) of the learning-curve panels
-CURVE_PANELS = (("ce", "token cross-entropy"), ("rot_err_deg", "rotation error (deg)"),
+#: (column or tuple of columns, axis label) of the learning-curve panels
+CURVE_PANELS = ((("ce", "val_token_ce"), "token cross-entropy (nats)"), ("rot_err_deg", "rotation error (deg)"),
                 ("rot_err_up_to_turn_deg", "rotation error up to a turn (deg)"),
                 ("reproj", "reprojection L1"), ("val_PVE", "validation PVE (mm)"))
 
 
-def learning_curves_figure(curves: pd.DataFrame, panels=CURVE_PANELS):
-    """One panel per logged quantity, one line per run, against step."""
+def learning_curves_figure(curves: pd.DataFrame, panels=CURVE_PANELS,
+                           references: Mapping[str, Mapping[str, float]] | None = None):
+    """One panel per entry of ``panels`` (a logged column, or a tuple of columns drawn together),
+    one line per run and column, against step. ``references`` {column: {label: value}} adds a
+    dashed horizontal line to each panel showing that column (e.g. the training tokens' marginal
+    entropy beside ``val_token_ce``)."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (col, label) in zip(axes[0], panels):
+    for ax, (cols, label) in zip(axes[0], panels):
+        cols = (cols,) if isinstance(cols, str) else tuple(cols)
         for run, df in curves.groupby("run", sort=False):
-            if col in df.columns and df[col].notna().any():
-                d = df[["step", col]].dropna()
-                ax.plot(d["step"], d[col], marker="o" if len(d) < 12 else None, ms=3, label=run)
+            for col in cols:
+                if col in df.columns and df[col].notna().any():
+                    d = df[["step", col]].dropna()
+                    ax.plot(d["step"], d[col], marker="o" if len(d) < 12 else None, ms=3,
+                            label=run if len(cols) == 1 else f"{run} {col}")
+        for col in cols:
+            for ref_label, value in (references or {}).get(col, {}).items():
+                ax.axhline(value, color="0.3", ls="--", lw=1, label=f"{ref_label} ({value:.2f})")
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         if ax.has_data():

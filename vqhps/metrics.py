@@ -14,6 +14,8 @@ import torch
 from .geometry import similarity_procrustes
 
 METRIC_COLUMNS = ("PVE", "MPJPE", "PA-MPJPE")
+#: a global-rotation error above this (degrees) is a front/back flip: the body seen facing the other way
+ROT_FLIP_DEG = 90.0
 
 
 def centre_on_vertex_mean(verts: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import PROJECT_ROOT, load_config
+from .config import PROJECT_ROOT, STUDY_OVERRIDES_ENV, environment, load_config, parse_overrides
 
 
 def device_name(device=None) -> str:
@@ -168,7 +168,7 @@ def _execute(nb: Path, out_dir: Path, parameters: dict, runner: str) -> None:
 
 
 def reproduce(profile: str, nproc: int = 1, only: list[str] | None = None, overlap: bool = False,
-              runner: str = "papermill") -> int:
+              runner: str = "papermill", overrides: list[str] | None = None) -> int:
     """Execute every notebook for ``profile``; stop at the first failure and name it. Returns an exit code.
 
     ``nproc`` reaches every notebook as a papermill parameter: with more than one, the training
@@ -176,7 +176,18 @@ def reproduce(profile: str, nproc: int = 1, only: list[str] | None = None, overl
     the finished checkpoints in-process, so both paths share the same code. ``overlap`` (one process)
     runs the trainings of ``overlap_jobs`` beside the notebooks instead; the manifest then records each
     job's wall time and the elapsed time of the whole run. ``runner="inline"`` executes the code cells
-    in this process (no Jupyter kernel needed); either runner writes the executed copies."""
+    in this process (no Jupyter kernel needed); either runner writes the executed copies. ``overrides``
+    (``key=value`` pairs, e.g. ``vqhps.backbone=resnet50``) apply to every notebook and training job
+    of the run (through ``$VQHPS_SET``) and are recorded in the manifest. A run of every notebook
+    starts a new manifest; ``only`` adds to the existing one."""
+    pairs = [*os.environ.get(STUDY_OVERRIDES_ENV, "").split(), *(overrides or [])]
+    parse_overrides(pairs)  # a bad key or value fails here, before any work
+    with environment({STUDY_OVERRIDES_ENV: " ".join(pairs)}):
+        return _reproduce(profile, nproc, only, overlap, runner, pairs)
+
+
+def _reproduce(profile: str, nproc: int, only: list[str] | None, overlap: bool, runner: str,
+               overrides: list[str]) -> int:
     import torch
 
     if nproc < 1:
@@ -193,9 +204,10 @@ def reproduce(profile: str, nproc: int = 1, only: list[str] | None = None, overl
     out_dir = cfg.results_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = cfg.results_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest = json.loads(manifest_path.read_text()) if only and manifest_path.exists() else {}
     manifest.update(environment_facts())
-    manifest.update(profile=profile, nproc=nproc, overlap=overlap, runner=runner, config=cfg.to_dict())
+    manifest.update(profile=profile, nproc=nproc, overlap=overlap, runner=runner, overrides=overrides,
+                    config=cfg.to_dict())
     manifest.setdefault("notebooks", {})
     selected = [nb for nb in notebooks() if not only or any(nb.name.startswith(o) for o in only)]
     jobs = None

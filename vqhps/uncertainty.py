@@ -115,7 +115,8 @@ def batch_generator(cfg, ucfg: UncertaintyConfig, first_index: int, device: torc
 
 def oriented_prediction(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A VQ-HPS forward output (called with vqvae and body) -> what ``VQHPS.predict`` returns for
-    the mesh: final rotation (the refined one when present), canonical and oriented vertices."""
+    the mesh: final rotation (the refined one when present), canonical and oriented vertices, in the
+    crop's own camera (``hps_training.camera_frame_prediction`` turns them into the full frame's)."""
     R = out.get("rotmat_refined", out["rotmat"]).float()
     canonical = out["canonical"].float()
     return {"rotmat": R, "canonical": canonical, "vertices": canonical @ R.transpose(-1, -2),
@@ -137,7 +138,7 @@ def spread_vs_error(model, vqvae, body, arrays: dict[str, np.ndarray], cfg, devi
     with a progress bar): the columns of ``hps_training.evaluate_split`` (index, PVE, MPJPE,
     PA-MPJPE, rot_err_deg, labels) with ``spread`` (mm) after ``index``. Settings: ``ucfg``
     (default cfg.uncertainty); each batch's draw is seeded by ``batch_generator``."""
-    from .hps_training import evaluate_split
+    from .hps_training import camera_frame_prediction, evaluate_split
 
     ucfg = ucfg or cfg.uncertainty
     body, vqvae = body.to(device), vqvae.to(device)
@@ -146,7 +147,7 @@ def spread_vs_error(model, vqvae, body, arrays: dict[str, np.ndarray], cfg, devi
     def model_fn(batch: dict) -> dict[str, torch.Tensor]:
         pred, ids = _sample_batch(model, vqvae, body, batch, cfg, ucfg)
         spreads.append((batch["index"].cpu(), spread_of_ids(vqvae, ids).spread.cpu()))
-        return pred
+        return camera_frame_prediction(pred, batch)  # VQ-HPS predicts in the crop's camera
 
     per_sample, _ = evaluate_split(model_fn, arrays, body, cfg, device, batch_size, progress)
     spread = pd.Series(torch.cat([s for _, s in spreads]).numpy(), index=torch.cat([i for i, _ in spreads]).numpy())

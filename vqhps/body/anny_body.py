@@ -2,7 +2,8 @@
 
 anny is z-up and faces -y; this wrapper rotates it into the shared convention (y up, facing +z,
 left = +x), keeps only the body surface (the mouth interior and eyeballs are separate mesh pieces
-that carry no pose or shape information) and exposes the 6 phenotype parameters as shape.
+that carry no pose or shape information) and exposes the 6 phenotype parameters as shape. The eyeballs
+are posed on request (``pose_with_eyes``) for rendering only: the labels stay the body surface.
 """
 from __future__ import annotations
 
@@ -122,6 +123,23 @@ def largest_component(n_vertices: int, faces: np.ndarray) -> np.ndarray:
     return np.flatnonzero(labels == biggest)
 
 
+def eye_pieces(n_vertices: int, faces: np.ndarray, vertex_bones: np.ndarray,
+               bone_labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted raw indices of the vertices of the mesh pieces skinned to an ``eye*`` bone (anny's
+    eyeballs), and those pieces' triangles indexing that vertex list."""
+    rows = faces.ravel()
+    cols = np.roll(faces, 1, axis=1).ravel()
+    adj = sp.coo_matrix((np.ones(rows.size), (rows, cols)), shape=(n_vertices, n_vertices))
+    _, labels = csgraph.connected_components(adj, directed=False)
+    is_eye = np.array([label.startswith("eye") for label in bone_labels])[vertex_bones]
+    pieces = [c for c in np.unique(labels) if is_eye[labels == c].all()]
+    index = np.flatnonzero(np.isin(labels, pieces))
+    remap = -np.ones(n_vertices, dtype=np.int64)
+    remap[index] = np.arange(index.size)
+    eye_faces = remap[faces]
+    return index, eye_faces[(eye_faces >= 0).all(1)]
+
+
 class AnnyBody(BodyModel):
     """anny's body surface with 6 phenotype shape parameters and per-bone local rotations as pose.
 
@@ -147,6 +165,11 @@ class AnnyBody(BodyModel):
         faces = remap[raw_faces]
         faces = faces[(faces >= 0).all(1)]
         self.register_buffer("keep", torch.from_numpy(keep), persistent=False)
+        bone_idx = self.model.vertex_bone_indices.cpu().numpy()
+        dominant = bone_idx[np.arange(n_raw), self.model.vertex_bone_weights.cpu().numpy().argmax(1)]
+        eyes, eye_faces = eye_pieces(n_raw, raw_faces, dominant, self.bone_labels)
+        self.register_buffer("eye_index", torch.from_numpy(eyes), persistent=False)
+        self.register_buffer("eye_faces", torch.from_numpy(eye_faces), persistent=False)
         self.register_buffer("faces", torch.from_numpy(faces), persistent=False)
         self.register_buffer("to_shared", ANNY_TO_SHARED.to(torch.float32), persistent=False)
         # the template in float64, snapped to a 0.1 um grid, then float32: bit-identical whatever the
@@ -168,8 +191,9 @@ class AnnyBody(BodyModel):
         """(B, 104, 3, 3) identity rotations: anny's rest pose (arms in a wide A)."""
         return torch.eye(3).expand(batch, self.n_bones, 3, 3).clone()
 
-    def _raw_forward(self, pose: torch.Tensor, shape: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Pose anny and return vertices (B, V, 3) and bone heads (B, 104, 3) in the shared frame."""
+    def _raw_forward(self, pose: torch.Tensor, shape: torch.Tensor, eyes: bool = False) -> dict[str, torch.Tensor]:
+        """Pose anny and return vertices (B, V, 3) and bone heads (B, 104, 3) in the shared frame (and
+        the eyeball vertices (B, E, 3), same skinning, when ``eyes``)."""
         batch = pose.shape[0]
         dtype = self.model.template_vertices.dtype
         if pose.shape[-2:] == (3, 3):
@@ -182,11 +206,20 @@ class AnnyBody(BodyModel):
         to_shared = self.to_shared.to(dtype)
         verts = out["vertices"][:, self.keep] @ to_shared.T
         heads = out["bone_poses"][..., :3, 3] @ to_shared.T
+        if eyes:
+            eye_verts = out["vertices"][:, self.eye_index] @ to_shared.T
+            return {"vertices": verts, "bone_heads": heads, "eye_vertices": eye_verts}
         return {"vertices": verts, "bone_heads": heads}
 
     def pose_with_bones(self, pose: torch.Tensor, shape: torch.Tensor) -> dict[str, torch.Tensor]:
         """Vertices and bone heads: what the regressor fit and the pose-library tests need."""
         return self._raw_forward(pose, shape)
+
+    def pose_with_eyes(self, pose: torch.Tensor, shape: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Body vertices (B, V, 3), exactly ``forward``'s, and the eyeball vertices (B, E, 3) posed by
+        the same skinning (triangles: ``eye_faces``): what the renderer draws; labels use the former."""
+        out = self._raw_forward(pose, shape, eyes=True)
+        return out["vertices"], out["eye_vertices"]
 
     def forward(self, pose: torch.Tensor, shape: torch.Tensor | None = None) -> BodyOutput:
         if shape is None:

@@ -4,8 +4,9 @@ error-feedback regressor, posing the body model, and the losses on joints and pa
 
 Pose layout: the body model takes (B, 104, 3, 3) local bone rotations; only the 27 bones of
 ``vqhps.data.poses.ARTICULATED_BONES`` move in the data, so only those are regressed (6D each)
-and every other bone keeps the identity. The global rotation is separate (body frame -> camera
-frame, as ``root_rot`` of the data)."""
+and every other bone keeps the identity. The global rotation is separate (body frame -> the model's
+camera frame: the crop's own camera for HMR, as ``crop_rot`` of a prepared batch; the full frame's
+for CLIFF, as ``root_rot``)."""
 from __future__ import annotations
 
 import functools
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..body.base import mirror_index
+from ..data.datasets import rotation_target
 from ..data.poses import (ANNY_BONE_LABELS, ANNY_N_BONES, ARTICULATED_BONES, angles_to_local_rotations,
                           key_pose_angles)
 from ..geometry import matrix_to_rot6d, rot6d_to_matrix
@@ -161,9 +163,10 @@ def ensure_body_device(body, device: torch.device) -> None:
         body.to(device)
 
 
-def oriented_targets(batch: dict[str, Any]) -> torch.Tensor:
-    """Ground-truth oriented mesh (B, V, 3) = canonical @ root_rot^T (both from ``prepare_batch``)."""
-    return batch["canonical"].float() @ batch["root_rot"].float().transpose(-1, -2)
+def oriented_targets(batch: dict[str, Any], frame: str = "camera") -> torch.Tensor:
+    """Ground-truth oriented mesh (B, V, 3) = canonical @ R^T (both from ``prepare_batch``), R the
+    rotation in ``frame``: ``root_rot`` ("camera") or ``crop_rot`` ("crop", what crop-only models predict)."""
+    return batch["canonical"].float() @ rotation_target(batch, frame).transpose(-1, -2)
 
 
 def camera_regulariser(cam: torch.Tensor) -> torch.Tensor:
@@ -184,22 +187,24 @@ def weighted_mean_abs(diff: torch.Tensor, weight: torch.Tensor | None = None) ->
     return (diff * w).sum() / w.sum().clamp_min(1e-8)
 
 
-def parametric_terms(outputs: dict[str, torch.Tensor], batch: dict[str, Any], body) -> dict[str, torch.Tensor]:
-    """HMR's loss terms (with their graphs), fp32.
+def parametric_terms(outputs: dict[str, torch.Tensor], batch: dict[str, Any], body,
+                     frame: str = "crop") -> dict[str, torch.Tensor]:
+    """HMR's loss terms (with their graphs), fp32, against the ground truth in ``frame`` (the model's:
+    "crop" for HMR, "camera" for CLIFF).
 
     reproj: L1 between the weak perspective of the predicted joints24 and ``batch["joints2d"]``
     (optional ``joints2d_weight``); joints3d: MSE (m²) between predicted and ground-truth joints24,
     both from vertex-mean-centred oriented meshes; pose: MSE between the 27 predicted joint rotation
     matrices and the ground truth (mirrored for flipped samples); rot: MSE of the global rotation vs
-    ``root_rot``; shape: MSE of the phenotypes; cam_reg: see ``camera_regulariser``."""
+    ``crop_rot`` or ``root_rot``; shape: MSE of the phenotypes; cam_reg: see ``camera_regulariser``."""
     with full_precision(outputs["vertices"]):
-        gt_joints = body.joints24(oriented_targets(batch))
+        gt_joints = body.joints24(oriented_targets(batch, frame))
         return {
             "reproj": reprojection_l1(outputs["joints24"], outputs["cam"], batch["joints2d"],
                                       batch.get("joints2d_weight")),
             "joints3d": F.mse_loss(outputs["joints24"].float(), gt_joints),
             "pose": F.mse_loss(outputs["local_rotmat"].float(), gather_articulated(pose_targets(batch))),
-            "rot": rotation_mse(outputs["rotmat"], batch["root_rot"]),
+            "rot": rotation_mse(outputs["rotmat"], rotation_target(batch, frame)),
             "shape": F.mse_loss(outputs["shape"].float(), batch["shape"].float()),
             "cam_reg": camera_regulariser(outputs["cam"]),
         }

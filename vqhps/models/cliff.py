@@ -45,19 +45,10 @@ def bbox_info(bbox: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     return torch.stack(((cx - K[:, 0, 2]) / f, (cy - K[:, 1, 2]) / f, w / f), dim=-1)
 
 
-def flip_bbox(bbox: torch.Tensor, K: torch.Tensor, flipped: torch.Tensor | None) -> torch.Tensor:
-    """Boxes of horizontally flipped samples mirrored about the principal point's column: the crop of
-    the flipped full frame, so bbox input and full-frame targets agree with the flipped crop."""
-    if flipped is None:  # no `flipped.any()` shortcut: reading it back would stall the GPU queue
-        return bbox.float()
-    px = K.float()[:, 0, 2]
-    mirrored = torch.stack((2 * px - bbox[:, 2], bbox[:, 1], 2 * px - bbox[:, 0], bbox[:, 3]), dim=-1).float()
-    return torch.where(flipped.view(-1, 1), mirrored, bbox.float())
-
-
 def batch_bbox_info(batch: dict[str, Any]) -> torch.Tensor:
-    """The CLIFF input of a prepared batch: ``bbox_info`` of its (flip-aware) bbox and K."""
-    return bbox_info(flip_bbox(batch["bbox"], batch["K"], batch.get("flipped")), batch["K"])
+    """The CLIFF input of a prepared batch: ``bbox_info`` of its bbox and K (``prepare_batch`` makes
+    the bbox the augmented crop's: mirrored for flips, its side divided by the zoom for scales)."""
+    return bbox_info(batch["bbox"], batch["K"])
 
 
 def crop_cam_to_translation(cam: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
@@ -121,6 +112,8 @@ class CLIFF(HMR):
     reported and weighs ``crop_reproj_weight`` (default 0). Other arguments: see ``HMR``."""
 
     extra_dim = 3
+    #: CLIFF sees where the box is, so it predicts the full frame's camera-frame rotation
+    frame = "camera"
 
     def __init__(self, cfg, body, n_iter: int = 3, hidden: int = 1024, init_pose: str | None = "stand",
                  weights: dict[str, float] | None = None, crop_reproj_weight: float = 0.0) -> None:
@@ -129,8 +122,8 @@ class CLIFF(HMR):
 
     def forward(self, images: torch.Tensor, bbox_info: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if bbox_info is None:
-            raise ValueError("CLIFF needs bbox_info (B, 3): vqhps.models.cliff.batch_bbox_info(batch), or "
-                             "bbox_info(batch['bbox'], batch['K']) for unflipped images")
+            raise ValueError("CLIFF needs bbox_info (B, 3): vqhps.models.cliff.batch_bbox_info(batch), i.e. "
+                             "bbox_info(batch['bbox'], batch['K'])")
         info = bbox_info.to(images.device).float()
         out = self.decode(self.regress(images, info)[-1])
         with full_precision(out["cam"]):
@@ -140,12 +133,11 @@ class CLIFF(HMR):
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """HMR's terms plus ``reproj_full``: L1 between the full-frame projection (``trans``, K) of the
-        predicted joints24 and the target crop joints mapped back through the (flip-aware) bbox,
+        predicted joints24 and the target crop joints mapped back through the (augmented) bbox,
         divided by half the full-frame size. Batch also needs K and bbox, optional ``full_size``."""
-        terms = parametric_terms(outputs, batch, self.body)
+        terms = parametric_terms(outputs, batch, self.body, self.frame)
         with full_precision(outputs["vertices"]):
-            bbox = flip_bbox(batch["bbox"], batch["K"], batch.get("flipped"))
-            target = crop_to_full(batch["joints2d"], bbox)
+            target = crop_to_full(batch["joints2d"], batch["bbox"])
             pred = project_full_frame(outputs["joints24"], outputs["trans"], batch["K"])
             half = full_frame_size(batch)[:, None] / 2
             terms["reproj_full"] = weighted_mean_abs((pred - target) / half, batch.get("joints2d_weight"))
@@ -153,5 +145,5 @@ class CLIFF(HMR):
         return weighted_total(terms, weights)
 
 
-__all__ = ["CLIFF", "bbox_info", "batch_bbox_info", "flip_bbox", "crop_cam_to_translation",
+__all__ = ["CLIFF", "bbox_info", "batch_bbox_info", "crop_cam_to_translation",
            "translation_to_crop_cam", "crop_to_full", "full_to_crop", "project_full_frame", "full_frame_size"]

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..mesh.hierarchy import MeshHierarchy, build_hierarchy
 from ..losses import reprojection_l1
-from .backbone import FEATURE_DIM, resnet50_backbone
+from .backbone import build_backbone
 from .body_params import ensure_body_device, full_precision, oriented_targets, weighted_total
 from .transformer import encoder_decoder
 from .vqhps import UPRIGHT_FACING_CAMERA, sine_position_encoding_2d
@@ -64,10 +64,13 @@ def upsampling_matrix(hierarchy: MeshHierarchy, level: int) -> torch.Tensor:
 
 class FastMETRO(nn.Module):
     """``FastMETRO(cfg, body)``: cfg the full Config (``cfg.vqhps``: d_model, n_heads, enc_layers,
-    dec_layers, mlp_hidden, dropout, backbone_weights; ``cfg.hierarchy`` and ``cfg.paths.cache`` for
+    dec_layers, mlp_hidden, dropout, backbone, backbone_weights; ``cfg.hierarchy`` and ``cfg.paths.cache`` for
     the hierarchy), body the body model (unregistered; its template and joint regressors are used).
     ``coarse_vertices`` picks the hierarchy level nearest that size (FastMETRO's coarse SMPL mesh has
     431), or ``coarse_level`` names it; ``weights`` overrides ``DEFAULT_WEIGHTS``."""
+
+    #: it sees the crop only, so its meshes are oriented in the crop's own camera (``crop_rot``)
+    frame = "crop"
 
     def __init__(self, cfg, body, coarse_vertices: int = 431, coarse_level: int | None = None,
                  vertex_loss: str = "l1", weights: dict[str, float] | None = None,
@@ -105,8 +108,8 @@ class FastMETRO(nn.Module):
                              body.joints17(template[None].to(body.regressor17.device)).cpu()[0],
                              persistent=False)
 
-        self.backbone = resnet50_backbone(c.backbone_weights)
-        self.input_proj = nn.Conv2d(FEATURE_DIM, d, kernel_size=1)
+        self.backbone = build_backbone(c.backbone, c.backbone_weights)
+        self.input_proj = nn.Conv2d(self.backbone.out_dim, d, kernel_size=1)
         self.cam_token = nn.Parameter(torch.randn(1, d) * 0.02)
         self.encoder, self.decoder = encoder_decoder(d, c.n_heads, c.mlp_hidden, c.dropout, c.enc_layers,
                                                      c.dec_layers)
@@ -122,7 +125,7 @@ class FastMETRO(nn.Module):
         self._arch = {"model": "fastmetro", "d_model": d, "n_heads": c.n_heads, "enc_layers": c.enc_layers,
                       "dec_layers": c.dec_layers, "mlp_hidden": c.mlp_hidden,
                       "coarse_level": self.coarse_level, "n_coarse": n_coarse, "hierarchy_hash": hierarchy.hash,
-                      "body_id": body.identifier()}
+                      "body_id": body.identifier(), "backbone": self.backbone.name}
 
     def architecture(self) -> dict[str, Any]:
         """What a checkpoint must share with this model to be loaded into it."""
@@ -171,11 +174,11 @@ class FastMETRO(nn.Module):
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """dict(loss, vertices_coarse, vertices, joints3d, joints_query, reproj), fp32: vertex errors
         (``vertex_loss``, metres) of the coarse and full meshes against the ground-truth oriented mesh
-        (``canonical @ root_rot^T``, its coarse level by subsampling), L1 of the mesh's joints24 and
-        of the query joints against the ground-truth joints24 / joints17, and L1 reprojection of
+        in the crop's camera (``canonical @ crop_rot^T``, its coarse level by subsampling), L1 of the
+        mesh's joints24 and of the query joints against the ground-truth joints24 / joints17, and L1 reprojection of
         joints24 with the predicted camera against ``batch["joints2d"]``."""
         with full_precision(outputs["vertices"]):
-            gt = oriented_targets(batch)
+            gt = oriented_targets(batch, self.frame)
             gt_coarse = gt[:, self.coarse_index]
             terms = {
                 "vertices_coarse": self._vertex_error(outputs["vertices_coarse"], gt_coarse),

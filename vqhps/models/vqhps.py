@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VQHPSConfig
+from ..data.datasets import rotation_target
 from ..geometry import IDENTITY_6D, heading_bins, matrix_to_rot6d, rot6d_to_matrix
 from ..losses import reprojection_l1, rotation_mse, token_cross_entropy, vertex_l2
-from .backbone import FEATURE_DIM, resnet50_backbone
+from .backbone import build_backbone
 from .layers import regression_mlp
 from .transformer import encoder_decoder
 
@@ -91,7 +92,7 @@ class MeshTokenPredictor(nn.Module):
     encoder, transformer decoder with ``n_tokens`` learned queries, then a head that maps each decoder
     feature (concatenated with an embedding of [R 6D, camera] when conditioned) to codebook logits."""
 
-    def __init__(self, cfg: VQHPSConfig, n_tokens: int, codebook_size: int, in_channels: int = FEATURE_DIM,
+    def __init__(self, cfg: VQHPSConfig, n_tokens: int, codebook_size: int, in_channels: int,
                  cond_dim: int = 9) -> None:
         super().__init__()
         d = cfg.d_model
@@ -142,7 +143,7 @@ class RotationRefiner(nn.Module):
     oriented by R) -> MLP -> a correction dR (6D, output layer zero-initialised so dR = I at start);
     the refined rotation is R_f = dR @ R."""
 
-    def __init__(self, feat_dim: int = FEATURE_DIM, n_joints: int = 17, hidden: int = 1024,
+    def __init__(self, feat_dim: int, n_joints: int = 17, hidden: int = 1024,
                  dropout: float = 0.0) -> None:
         super().__init__()
         self.mlp = regression_mlp(feat_dim + 6 + 3 + 3 * n_joints, hidden, dropout)
@@ -168,7 +169,7 @@ UPRIGHT_FACING_CAMERA = ((1.0, 0.0, 0.0), (0.0, -1.0, 0.0), (0.0, 0.0, -1.0))
 
 
 class VQHPS(nn.Module):
-    """The VQ-HPS network: two ResNet-50 backbones, a rotation/camera MLP fed with the T-pose
+    """The VQ-HPS network: two image backbones (``cfg.backbone``; the paper's are ResNet-50s), a rotation/camera MLP fed with the T-pose
     skeleton, and a transformer predicting ``n_tokens`` codebook indices conditioned on the
     predicted rotation and camera (``cfg.condition_on_camera``); optional refiner
     (``cfg.refine_rotation``). ``init_rotmat`` (3, 3) sets the rotation the head starts from:
@@ -182,16 +183,17 @@ class VQHPS(nn.Module):
         self.n_tokens, self.codebook_size = n_tokens, codebook_size
         tpose = torch.as_tensor(tpose_joints17, dtype=torch.float32).reshape(-1, 3)
         self.register_buffer("tpose_joints17", tpose)
-        self.rot_backbone = resnet50_backbone(cfg.backbone_weights)
-        self.mesh_backbone = resnet50_backbone(cfg.backbone_weights)
+        self.rot_backbone = build_backbone(cfg.backbone, cfg.backbone_weights)
+        self.mesh_backbone = build_backbone(cfg.backbone, cfg.backbone_weights)
+        feat = self.rot_backbone.out_dim
         if init_rotmat is None:
             init_rotmat = torch.tensor(UPRIGHT_FACING_CAMERA)
         init6d = matrix_to_rot6d(torch.as_tensor(init_rotmat, dtype=torch.float32))
-        self.rot_head = RotationCameraHead(FEATURE_DIM + tpose.numel(), rot_hidden, cfg.dropout, init6d,
+        self.rot_head = RotationCameraHead(feat + tpose.numel(), rot_hidden, cfg.dropout, init6d,
                                            heading_bins=cfg.heading_bins)
-        self.mesh = MeshTokenPredictor(cfg, n_tokens, codebook_size)
+        self.mesh = MeshTokenPredictor(cfg, n_tokens, codebook_size, self.mesh_backbone.out_dim)
         self.refiner = (
-            RotationRefiner(FEATURE_DIM, tpose.shape[0], rot_hidden, cfg.dropout) if cfg.refine_rotation else None
+            RotationRefiner(feat, tpose.shape[0], rot_hidden, cfg.dropout) if cfg.refine_rotation else None
         )
 
     # parameter groups -------------------------------------------------------------------------
@@ -206,8 +208,8 @@ class VQHPS(nn.Module):
     # forward ----------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, vqvae: MeshVQVAELike | None = None,
                 body: BodyLike | None = None) -> dict[str, torch.Tensor]:
-        """images (B, 3, H, W) -> dict(rot6d (B, 6) raw head output, rotmat (B, 3, 3), cam (B, 3),
-        logits (B, N, S), pooled_rot (B, 2048)). Given ``vqvae`` it adds the argmax ``ids`` and their
+        """images (B, 3, H, W) in [0, 1] -> dict(rot6d (B, 6) raw head output, rotmat (B, 3, 3), cam (B, 3),
+        logits (B, N, S), pooled_rot (B, C)). Given ``vqvae`` it adds the argmax ``ids`` and their
         decoded ``canonical`` mesh (no gradient, fp32); given ``body`` too and a refiner, it adds
         ``rot6d_refined`` and ``rotmat_refined``."""
         pooled_rot, _ = self.rot_backbone(images)
@@ -273,7 +275,9 @@ def vqhps_losses(outputs: dict[str, torch.Tensor], batch: dict[str, Any], vqvae:
     ground-truth canonical mesh and the soft decoding). Terms left out of total (ce under "3d",
     reproj when ``use_reprojection`` is off) are still reported, detached. The reprojection projects
     the 24 joints of the argmax-decoded canonical mesh (no gradient) oriented by R with the
-    predicted camera, so it trains the rotation and camera only. Batch keys: token_ids, root_rot,
+    predicted camera, so it trains the rotation and camera only. Every rotation target is the one in
+    the crop's own camera (``rotation_target(batch, "crop")``: a crop-only network cannot see where the
+    box sits in the frame). Batch keys: token_ids, crop_rot (root_rot without a box),
     joints2d (normalised crop coordinates, see ``vqhps.losses``), canonical (for "3d"), optional
     joints2d_weight (B, 24). Runs in fp32 even inside an autocast region."""
     with _full_precision(outputs["logits"]):
@@ -285,7 +289,8 @@ def _vqhps_losses(outputs: dict[str, torch.Tensor], batch: dict[str, Any], vqvae
     logits, rotmat, cam = outputs["logits"], outputs["rotmat"], outputs["cam"]
     losses: dict[str, torch.Tensor] = {}
     ce = token_cross_entropy(logits, batch["token_ids"])
-    rot = rotation_mse(rotmat, batch["root_rot"])
+    target = rotation_target(batch, "crop")
+    rot = rotation_mse(rotmat, target)
     canonical = outputs.get("canonical")
     if canonical is None:
         with torch.no_grad():
@@ -308,13 +313,13 @@ def _vqhps_losses(outputs: dict[str, torch.Tensor], batch: dict[str, Any], vqvae
     else:
         raise ValueError(f"unknown loss {cfg.loss!r}; use 'ce' or '3d'")
     if cfg.heading_bins > 0:
-        heading = F.cross_entropy(outputs["heading_logits"].float(), heading_bins(batch["root_rot"], cfg.heading_bins))
+        heading = F.cross_entropy(outputs["heading_logits"].float(), heading_bins(target, cfg.heading_bins))
         total = total + cfg.heading_weight * heading
         losses["heading_ce"] = heading
     if cfg.refine_rotation:
         if "rotmat_refined" not in outputs:
             raise KeyError("refine_rotation is on: call the model with (images, vqvae, body) so it refines")
-        rot_refined = rotation_mse(outputs["rotmat_refined"], batch["root_rot"])
+        rot_refined = rotation_mse(outputs["rotmat_refined"], target)
         total = total + cfg.rot_weight * rot_refined
         losses["rot_refined"] = rot_refined
     losses.update(total=total, ce=ce, rot=rot, reproj=reproj)
