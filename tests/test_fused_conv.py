@@ -147,7 +147,7 @@ def check(module, x):
 
 torch.manual_seed(0)
 N_IN, N_OUT, K = 40, 25, 5
-for c_in, c_out in [(3, 32), (16, 3), (16, 16)]:
+for c_in, c_out in [(3, 32), (16, 3)]:  # widening and narrowing
     for same_level in (True, False):
         for act in (True, False):
             index = torch.randint(0, N_IN, (N_IN if same_level else N_OUT, K))
@@ -157,8 +157,8 @@ for c_in, c_out in [(3, 32), (16, 3), (16, 16)]:
             layer = VaryingConv(index, mask, c_in, c_out, weight=weight, n_basis=3, residual_rate=0.5, activation=act)
             with torch.no_grad():
                 layer.bias.normal_()
-            for batch in (7, fused.BLOCK_B + 5):  # one tile, and a ragged second one
-                check(layer, torch.randn(batch, N_IN, c_in, requires_grad=True))
+            # a full batch tile and a ragged second one
+            check(layer, torch.randn(fused.BLOCK_B + 5, N_IN, c_in, requires_grad=True))
 # a frozen layer still passes the gradient to its input (soft decoding through the frozen decoder)
 layer.requires_grad_(False)
 x = torch.randn(4, N_IN, 16, requires_grad=True)
