@@ -136,6 +136,21 @@ def _bench(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from .config import PROJECT_ROOT
+    from .report import refresh_readme, write_report
+
+    cfg = _config(args)
+    if not (cfg.results_dir / "tables").is_dir():
+        raise FileNotFoundError(f"{cfg.results_dir / 'tables'}: no tables to report; run `make reproduce "
+                                f"PROFILE={cfg.profile}` first")
+    print(f"written: {write_report(cfg.results_dir)}")
+    if args.readme:
+        changed = refresh_readme(PROJECT_ROOT / "README.md", cfg.results_dir)
+        print(f"README.md results block {'rewritten' if changed else 'already current'}")
+    return 0
+
+
 def _bench_ddp(args) -> int:
     from .bench import format_rows, write_bench
     from .bench_ddp import run_scaling, scaling_worker
@@ -427,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also sample K token sequences from the logits and write their per-vertex spread (mm) "
                         "to the JSON and a spread-coloured overlay and mesh (default 0: off; temperature and "
                         "top-k: --set uncertainty.temperature=T --set uncertainty.top_k=N)")
+
+    p = command("report", _report, "write results/<profile>/REPORT.md from the run's tables and manifest; "
+                "--readme also refreshes README.md's results block")
+    p.add_argument("--readme", action="store_true", help="rewrite the results block of README.md too")
 
     p = command("reproduce", _reproduce, "run notebooks/0*.ipynb in order with papermill")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for the training notebooks")

@@ -254,4 +254,7 @@ def _reproduce(profile: str, nproc: int, only: list[str] | None, overlap: bool, 
     fig = timeline_figure(manifest)
     save_figure(fig, cfg.results_dir, "reproduce_timeline")
     plt.close(fig)
+    from .report import write_report
+
+    print(f"[{profile}] report: {write_report(cfg.results_dir)}", flush=True)
     return 0
