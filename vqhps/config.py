@@ -311,16 +311,16 @@ def _to_plain(obj: Any) -> Any:
 
 
 def full() -> Config:
-    """The study on one GPU in about 20 minutes: the defaults above, except sizes and schedules.
-    32,000 training and 3,000 test renders (the defaults: 50,000 and 5,000). VQ-HPS and the baselines
-    fine-tune the ImageNet backbones for 6 epochs at 3e-4, the step after 5, where the authors run
+    """The study on one GPU in about 17 minutes: the defaults above, except sizes and schedules.
+    32,000 training and 2,000 test renders (the defaults: 50,000 and 5,000). VQ-HPS and the baselines
+    fine-tune the ImageNet backbones for 5 epochs at 3e-4, the step after 4, where the authors run
     10 epochs at 1e-4 on a larger set: in short runs 3e-4 matched 6e-4 and more epochs helped most
     (docs/experiments.md). The Mesh-VQ-VAE, the run's critical path, runs half its default schedule
-    (7,000 + 1,500 steps). ``SET="data.n_train=50000 vqvae.pretrain_steps=14000 ..."`` restores any of them."""
+    (7,000 + 1,500 steps). ``SET="data.n_train=50000 vqhps.epochs=10 ..."`` restores any of them."""
     return Config(profile="full",
-                  data=DataConfig(n_train=32_000, n_test=3_000),
+                  data=DataConfig(n_train=32_000, n_test=2_000),
                   vqvae=VQVAEConfig(pretrain_steps=7_000, finetune_steps=1_500),
-                  vqhps=VQHPSConfig(lr=3e-4, epochs=6, lr_step_epochs=5, refine_epochs=1))
+                  vqhps=VQHPSConfig(lr=3e-4, epochs=5, lr_step_epochs=4, refine_epochs=1))
 
 
 def smoke() -> Config:
