@@ -100,7 +100,7 @@ def test_load_round_trip_and_refusals(tmp_path, body, trained):
     # a study's models share one backbone: another one in the configuration is refused on load
     other_cfg = copy.deepcopy(cfg)
     other_cfg.vqhps.backbone = "resnet50"
-    with pytest.raises(CheckpointMismatch, match="trained with backbone='efficientnet_lite2'.*resnet50"):
+    with pytest.raises(CheckpointMismatch, match=f"trained with backbone='{cfg.vqhps.backbone}'.*resnet50"):
         bt.load_baseline(result.checkpoint, other_cfg, body)
     # other settings: the run is refused with the field named, never silently resumed
     with pytest.raises(CheckpointMismatch, match=r"recipe\.lr.*delete"):

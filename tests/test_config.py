@@ -14,7 +14,7 @@ def test_study_overrides_reach_every_config_and_explicit_ones_win(monkeypatch):
     assert (cfg.vqhps.backbone, cfg.vqhps.backbone_weights, cfg.vqhps.lr) == ("resnet50", None, 2e-4)
     assert load_config("smoke", **{"vqhps.lr": 5e-4}).vqhps.lr == 5e-4
     monkeypatch.delenv(STUDY_OVERRIDES_ENV)
-    assert load_config("smoke").vqhps.backbone == "efficientnet_lite2"
+    assert load_config("smoke").vqhps.backbone == "efficientnet_lite0"  # the profile's own choice again
 
 
 def test_overrides_are_typed_and_checked():

@@ -206,7 +206,7 @@ def test_checkpoint_made_for_another_mesh_vqvae_is_refused(body, vqvae, trained)
     pretrained = load_mesh_vqvae(load_config("smoke"), body, "pretrain")
     with pytest.raises(CheckpointMismatch, match="vqvae_fingerprint"):
         H.load_vqhps(result.checkpoint, cfg, body, pretrained)
-    for key, value in (("backbone", "efficientnet_lite0"), ("backbone_weights", None)):
+    for key, value in (("backbone", "resnet50"), ("backbone_weights", None)):
         other_cfg = copy.deepcopy(cfg)
         setattr(other_cfg.vqhps, key, value)
         with pytest.raises(CheckpointMismatch, match=f"trained with {key}=.*this configuration has {key}="):
