@@ -29,7 +29,8 @@ def _results(tmp_path: Path) -> Path:
                   "margin_nats": [1.75], "margin_ge_1_nat": [True]}).to_csv(res / "tables" / "vqhps_token_ce.csv",
                                                                            index=False)
     (res / "manifest.json").write_text(json.dumps({"profile": "full", "git_commit": "abc1234",
-                                                   "device": "NVIDIA H100", "elapsed_s": 1200.0}))
+                                                   "device": "NVIDIA H100", "elapsed_s": 1200.0,
+                                                   "overrides": ["vqhps.epochs=7"]}))
     return res
 
 
@@ -41,7 +42,7 @@ def test_block_quotes_the_csv_numbers_in_the_papers_order(tmp_path):
     assert "12.5 / 10.0" in vq and "1.5%" in vq
     table1_rows = [line.split(" | ")[0] for line in block.splitlines() if line.startswith("| ")][2:5]
     assert table1_rows == ["| HMR", "| VQ-HPS", "| mean body"]
-    assert "abc1234" in block and "20.0 min" in block
+    assert "abc1234" in block and "20.0 min" in block and "`vqhps.epochs=7`" in block
     assert "2.50 nats" in block and "1.75 nats below" in block
 
 

@@ -136,7 +136,7 @@ def _bench(args) -> int:
     return 0
 
 
-def _report(args) -> int:
+def _write_report(args) -> int:
     from .config import PROJECT_ROOT
     from .report import refresh_readme, write_report
 
@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "to the JSON and a spread-coloured overlay and mesh (default 0: off; temperature and "
                         "top-k: --set uncertainty.temperature=T --set uncertainty.top_k=N)")
 
-    p = command("report", _report, "write results/<profile>/REPORT.md from the run's tables and manifest; "
+    p = command("report", _write_report, "write results/<profile>/REPORT.md from the run's tables and manifest; "
                 "--readme also refreshes README.md's results block")
     p.add_argument("--readme", action="store_true", help="rewrite the results block of README.md too")
 

@@ -102,8 +102,8 @@ def run_line(manifest: dict) -> str:
         return "No manifest: these tables were not written by `python -m vqhps reproduce`."
     elapsed = manifest.get("elapsed_s")
     wall = f", {elapsed / 60:.1f} min from notebook 00 to 06" if elapsed else ""
-    overrides = manifest.get("overrides") or {}
-    extra = (", overrides " + ", ".join(f"`{k}={v}`" for k, v in overrides.items())) if overrides else ""
+    overrides = manifest.get("overrides") or []  # "key=value" strings, as given to --set
+    extra = (", overrides " + ", ".join(f"`{o}`" for o in overrides)) if overrides else ""
     return (f"Profile `{manifest.get('profile', '?')}` at commit `{manifest.get('git_commit', '?')}` on "
             f"{manifest.get('device', '?')}{wall}{extra} (`manifest.json`).")
 
@@ -122,9 +122,11 @@ def findings(tables: Path) -> list[str]:
     ce = _read(tables, "vqhps_token_ce")
     if ce is not None and len(ce):
         r = ce.iloc[0]
+        margin = float(r["margin_nats"])
         out.append(f"VQ-HPS's validation token cross-entropy is {_num(r['val_token_ce_nats'], 2)} nats against a "
-                   f"per-position marginal entropy of {_num(r['train_marginal_entropy_nats'], 2)} nats "
-                   f"({_num(r['margin_nats'], 2)} nats below it).")
+                   f"per-position marginal entropy of {_num(r['train_marginal_entropy_nats'], 2)} nats: "
+                   f"{_num(abs(margin), 2)} nats {'below' if margin > 0 else 'above'} it (a model that reads the "
+                   f"image ends below).")
     rho = _read(tables, "uncertainty_spearman")
     if rho is not None and len(rho):
         rho = rho.set_index("subset")
@@ -165,7 +167,8 @@ def report_markdown(results_dir: Path) -> str:
         data = data.rename(columns={data.columns[0]: "split"})
         lines += ["", "## Benchmark", "", "| " + " | ".join(data.columns) + " |",
                   "| " + " | ".join("---" for _ in data.columns) + " |"]
-        lines += ["| " + " | ".join(str(r[c]) if c == "split" else _num(r[c]) for c in data.columns) + " |"
+        lines += ["| " + " | ".join(str(r[c]) if c == "split" else _num(r[c], 0 if float(r[c]).is_integer() else 1)
+                                    for c in data.columns) + " |"
                   for _, r in data.iterrows()]
     timing = {**manifest.get("notebooks", {}), **manifest.get("background_jobs", {})}
     if timing:
