@@ -137,3 +137,20 @@ def test_corrupt_file_names_path(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="model.pt"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_write_gives_the_umask_mode(tmp_path, umask, mode):
+    """A file written through atomic_write has the mode open() would give it (mkstemp's 0600 is not
+    kept), also when it replaces a file with another mode."""
+    before = os.umask(umask)
+    try:
+        fresh = ckpt.atomic_write(tmp_path / "fresh.bin", lambda f: f.write(b"x"))
+        old = tmp_path / "old.bin"
+        old.write_bytes(b"old")
+        old.chmod(0o600 if mode != 0o600 else 0o644)
+        ckpt.atomic_write(old, lambda f: f.write(b"new"))
+    finally:
+        os.umask(before)
+    assert fresh.stat().st_mode & 0o777 == mode and old.stat().st_mode & 0o777 == mode
+    assert old.read_bytes() == b"new"

@@ -1,8 +1,10 @@
-"""The image demo: reading user images, cropping, error messages, a folder run, the CLI, and that the
-demo's prediction equals the evaluation pipeline's for the same crop."""
+"""The image demo: reading user images, cropping, error messages, inputs (files, folders, globs), a
+folder run, the overlay on the whole photo and its camera, the side view, the JSON record, file
+modes, the CLI, and that the demo's prediction equals the evaluation pipeline's for the same crop."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -48,6 +50,29 @@ def _save(path, array, mode=None):
 def rgb_image():
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
+
+
+@pytest.fixture()
+def normal_umask():
+    """The usual umask 022 for one test (files the user writes: 0644)."""
+    before = os.umask(0o022)
+    yield
+    os.umask(before)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    """A photograph the project did not render, larger than the crop and not square: scikit-image's
+    astronaut (512 x 512) resized to 640 x 480 and saved as a JPEG."""
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("photo") / "astronaut.jpg"
+    Image.fromarray(data.astronaut()).resize((640, 480), Image.Resampling.BILINEAR).save(path, quality=92)
+    return path
+
+
+def _modes(folder):
+    return {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()}
 
 
 def test_non_image_file_is_refused(tmp_path):
@@ -111,6 +136,139 @@ def test_overlay_camera_matches_weak_perspective():
     assert np.allclose(pixels, (unit + 1) * size / 2 - 0.5)
 
 
+def test_image_camera_puts_crop_points_at_hand_computed_pixels():
+    """A box of side 200 at (100, 50) resized to a 64-pixel crop, camera [0.8, 0.1, -0.2]: the point
+    X = (0.5, 0.25, 0) is at crop units s * X + t = (0.5, 0.0), i.e. crop pixel ((0.5 + 1) * 32 - 0.5,
+    (0 + 1) * 32 - 0.5) = (47.5, 31.5), i.e. full-image pixel 100 + 48 * 200 / 64 = 250 and
+    50 + 32 * 200 / 64 = 150 (the box centre (200, 150) plus units * 200 / 2). -X is at units
+    (-0.3, -0.4): pixel (200 - 30, 150 - 40) = (170, 110)."""
+    from vqhps.data.sample import project_points
+
+    cam, bbox, size = np.array([0.8, 0.1, -0.2]), (100.0, 50.0, 300.0, 250.0), 64
+    K, t = demo.image_camera(cam, bbox, size)
+    assert np.allclose(K, [[1600.0, 0, 200.0], [0, 1600.0, 150.0], [0, 0, 1]])  # f = z * s * L / 2, box centre
+    X = np.array([[0.5, 0.25, 0.0], [-0.5, -0.25, 0.0]])
+    assert np.allclose(project_points(X + t, K), [[250.0, 150.0], [170.0, 110.0]])
+    # in the crop: (47.5, 31.5) and ((-0.3 + 1) * 32 - 0.5, (-0.4 + 1) * 32 - 0.5); 100 + 22.4 * 200 / 64 = 170
+    K_crop, _ = demo.overlay_camera(cam, size)
+    assert np.allclose(project_points(X + t, K_crop), [[47.5, 31.5], [21.9, 18.7]])
+    # for the whole-image box of a square image of the crop's size the two cameras coincide
+    assert np.allclose(demo.image_camera(cam, demo.whole_image_box(size, size), size)[0], K_crop)
+
+
+def test_overlay_draws_at_those_pixels_on_the_whole_image():
+    """Two small spheres at X and -X (vertex mean 0) rendered through the photo overlay land at the
+    hand-computed pixels of the test above, in an image larger than the box and not square."""
+    import trimesh
+
+    sphere = trimesh.creation.icosphere(3, radius=0.05)
+    n = len(sphere.vertices)
+    centres = np.array([[0.5, 0.25, 0.0], [-0.5, -0.25, 0.0]])
+    pred = {"cam": np.array([0.8, 0.1, -0.2]), "bbox": np.array([100.0, 50.0, 300.0, 250.0]),
+            "crop": np.zeros((64, 64, 3), np.uint8),
+            "vertices": np.concatenate([sphere.vertices + c for c in centres])}
+    faces = np.concatenate([sphere.faces, sphere.faces + n])
+    image = np.zeros((300, 400, 3), np.uint8)
+    overlay = demo.render_on_image(pred, image, faces)
+    assert overlay.shape == image.shape and not image.any()  # drawn on a copy
+    ys, xs = np.nonzero(overlay.max(-1) > 0)
+    for expected, side in (((250.0, 150.0), xs > 210), ((170.0, 110.0), xs < 210)):
+        assert abs(xs[side].mean() - expected[0]) < 0.5 and abs(ys[side].mean() - expected[1]) < 0.5
+        assert xs[side].max() - xs[side].min() < 12  # radius 0.05 m * f 1600 / depth 20 = 4 px
+    # a mesh off the image leaves it unchanged
+    pred["cam"] = np.array([0.8, 5.0, 0.0])
+    assert np.array_equal(demo.render_on_image(pred, image, faces), image)
+
+
+def test_expand_inputs_files_folders_and_globs(tmp_path, rgb_image):
+    for name in ("a.jpg", "b.png", "photos/x.jpg", "photos/y.jpg", "photos/z.png", "folder/c.png", "folder/D.JPG",
+                 "folder/.hidden.png", "folder/sub/e.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        _save(tmp_path / name, rgb_image)
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    t = str(tmp_path)
+    got = demo.expand_inputs([f"{t}/a.jpg", f"{t}/b.png", f"{t}/photos/*.jpg", f"{t}/folder/", f"{t}/a.jpg",
+                              f"{t}/photos/x.jpg", f"{t}/photos/*"])
+    assert [p.relative_to(tmp_path).as_posix() for p in got] == [
+        "a.jpg", "b.png", "photos/x.jpg", "photos/y.jpg", "folder/D.JPG", "folder/c.png", "photos/z.png"]
+    with pytest.raises(ValueError) as err:
+        demo.expand_inputs([f"{t}/a.jpg", f"{t}/missing.jpg", f"{t}/photos/*.gif", f"{t}/empty"])
+    message = str(err.value)
+    assert f"{t}/missing.jpg: no such file or folder" in message
+    assert f"{t}/photos/*.gif: the pattern matches no image file" in message
+    assert f"{t}/empty: a folder without image files" in message and "a.jpg" not in message.replace("missing.jpg", "")
+
+
+def test_unique_stems():
+    used: set[str] = set()
+    stems = [demo.unique_stem(demo.Path(p), used) for p in ("a/x.jpg", "b/x.jpg", "c/x.jpg", "x.png", "y.jpg")]
+    assert stems == ["x", "x_jpg", "x_jpg_2", "x_png", "y"]
+
+
+def test_checkpoint_record_reads_step_epoch_and_backbone(tmp_path, smoke_cfg):
+    from vqhps.checkpoint import save_checkpoint
+
+    path = save_checkpoint(tmp_path / "run.pt", {"model": {}, "step": 30, "meta": {
+        "steps_per_epoch": 12, "backbone": "resnet50", "backbone_weights": None}})
+    assert demo.checkpoint_record(path, smoke_cfg) == {
+        "checkpoint": {"path": str(path.resolve()), "step": 30, "epoch": 2.5},
+        "backbone": {"name": "resnet50", "weights": "scratch"}}
+    bare = save_checkpoint(tmp_path / "bare.pt", {"model": {}, "meta": {}})
+    record = demo.checkpoint_record(bare, smoke_cfg)
+    assert record["checkpoint"]["step"] is None and record["checkpoint"]["epoch"] is None
+    assert record["backbone"]["name"] == smoke_cfg.vqhps.backbone
+
+
+def test_photo_gives_full_size_overlay_side_view_record_and_0644(tmp_path, predictor, photo, tiny_checkpoint,
+                                                                 normal_umask):
+    """A 640 x 480 JPEG the project did not render, larger than the 64-pixel crop: the overlay has the
+    photo's size and differs from it only around the projected mesh; a side view; the JSON says what
+    made it; every file is 0644."""
+    import platform
+
+    import trimesh
+
+    out = tmp_path / "out"
+    report = demo.run_demo([photo], predictor, out, progress=False)
+    assert {p.name for p in report["ok"][0][1]} == {
+        "astronaut.obj", "astronaut.glb", "astronaut_overlay.png", "astronaut_side.png", "astronaut.json"}
+    assert set(_modes(out).values()) == {"0o644"}, _modes(out)
+    with Image.open(out / "astronaut_overlay.png") as img:
+        assert img.size == (640, 480)
+    with Image.open(out / "astronaut_side.png") as img:
+        side = np.asarray(img.convert("RGB"))
+    assert side.shape == (demo.SIDE_VIEW_SIZE, demo.SIDE_VIEW_SIZE, 3)
+    assert (side[0, 0] == 255).all() and (side != 255).any()  # a body on a white background
+
+    record = json.loads((out / "astronaut.json").read_text())
+    assert record["image_size"] == [640, 480] and record["bbox_source"] == "whole_image"
+    assert record["bbox"] == [-0.5, -80.5, 639.5, 559.5]  # 640-pixel square around the centre
+    assert record["model"]["checkpoint"] == {"path": str(tiny_checkpoint.resolve()), "step": None, "epoch": None}
+    assert record["model"]["backbone"] == {"name": predictor.cfg.vqhps.backbone, "weights": "imagenet"}
+    v = record["versions"]
+    assert v["torch"] == torch.__version__ and v["python"] == platform.python_version()
+    assert v["vqhps_commit"] is None or len(v["vqhps_commit"]) == 40
+
+    # the recorded camera puts the mesh where the weak-perspective camera does, in photo pixels: the box
+    # centre plus crop units * side / 2, scaled by z / (z + X_z) off the depth z = OVERLAY_DEPTH
+    from vqhps.data.sample import project_points
+
+    X = trimesh.load(out / "astronaut.obj", process=False).vertices
+    X = X - X.mean(0)
+    cam, K = record["camera"]["weak_perspective"], np.array(record["camera"]["overlay_K"])
+    pixels = project_points(X + record["camera"]["overlay_translation"], K)
+    units = cam[0] * X[:, :2] + cam[1:]
+    z = demo.OVERLAY_DEPTH
+    assert np.allclose(pixels, np.array([319.5, 239.5]) + units * 640 / 2 * (z / (z + X[:, 2:])), atol=1e-3)
+    # the photo changes only inside the mesh's projected outline (a 3-pixel border for blending)
+    changed = np.abs(demo.read_image(out / "astronaut_overlay.png").astype(int) - demo.read_image(photo)).max(-1) > 2
+    ys, xs = np.nonzero(changed)
+    assert len(xs) > 0
+    assert xs.min() >= pixels[:, 0].min() - 3 and xs.max() <= pixels[:, 0].max() + 3
+    assert ys.min() >= pixels[:, 1].min() - 3 and ys.max() <= pixels[:, 1].max() + 3
+
+
 def test_missing_checkpoint_names_path_and_command(tmp_path, smoke_cfg):
     missing = tmp_path / "nope.pt"
     with pytest.raises(FileNotFoundError, match=rf"{missing}.*python -m vqhps train --profile smoke"):
@@ -144,7 +302,7 @@ def test_folder_run_skips_bad_files(tmp_path, predictor, rgb_image):
         assert len(record["token_ids"]) == predictor.vqvae.n_tokens
         assert np.allclose(np.array(record["rotation"]) @ np.array(record["rotation"]).T, np.eye(3), atol=1e-5)
     overlay = np.asarray(Image.open(tmp_path / "out" / "a_overlay.png"))
-    assert overlay.shape == (predictor.crop_size, predictor.crop_size, 3)
+    assert overlay.shape == rgb_image.shape  # the whole image at its own size, not the crop
     assert not list((tmp_path / "out").glob(".*tmp"))  # nothing half-written left behind
     # the gray image's outputs have the same shapes as the colour one's
     import trimesh
@@ -187,8 +345,44 @@ def test_cli(tmp_path, tiny_checkpoint, rgb_image, capsys):
     (folder / "q.png").write_bytes(b"nope")
     assert main(["demo", str(folder), "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "o"),
                  "--bbox", "0", "0", "29", "39"]) == 0
-    assert "skipped" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "skipped" in printed and "whole image" not in printed
     assert (tmp_path / "o" / "p_overlay.png").is_file()
+    assert json.loads((tmp_path / "o" / "p.json").read_text())["bbox_source"] == "given"
+
+
+def test_cli_several_paths_and_globs(tmp_path, tiny_checkpoint, rgb_image, normal_umask, capsys):
+    """Files, a quoted glob and a folder in one call, with repeats: each image once, names kept apart,
+    the whole-image crop said and recorded, every file 0644."""
+    from vqhps.cli import main
+
+    for name in ("a.jpg", "b.png", "photos/p1.jpg", "photos/p2.jpg", "folder/a.png", "folder/f.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        _save(tmp_path / name, rgb_image)
+    t, out = str(tmp_path), tmp_path / "o"
+    assert main(["demo", f"{t}/a.jpg", f"{t}/b.png", f"{t}/photos/*.jpg", f"{t}/folder", f"{t}/photos/p1.jpg",
+                 "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "no --bbox: using the whole image" in printed and "6 image(s) done, 0 skipped" in printed
+    stems = ("a", "b", "p1", "p2", "a_png", "f")
+    assert {p.name for p in out.iterdir()} == {f"{s}{e}" for s in stems
+                                             for e in (".obj", ".glb", ".json", "_overlay.png", "_side.png")}
+    assert set(_modes(out).values()) == {"0o644"}
+    records = {s: json.loads((out / f"{s}.json").read_text()) for s in stems}
+    assert records["a_png"]["image"] == f"{t}/folder/a.png"
+    assert {r["bbox_source"] for r in records.values()} == {"whole_image"}
+
+
+def test_cli_input_matching_nothing_fails_and_writes_nothing(tmp_path, tiny_checkpoint, rgb_image, capsys):
+    from vqhps.cli import main
+
+    good = _save(tmp_path / "good.png", rgb_image)
+    out = tmp_path / "o"
+    assert main(["demo", str(good), str(tmp_path / "missing.jpg"), str(tmp_path / "nope" / "*.jpg"),
+                 "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "missing.jpg: no such file or folder" in err and "*.jpg: the pattern matches no image file" in err
+    assert not out.exists()
 
 
 def test_samples_add_the_token_spread(tmp_path, predictor, rgb_image, monkeypatch):
@@ -202,7 +396,7 @@ def test_samples_add_the_token_spread(tmp_path, predictor, rgb_image, monkeypatc
     assert u["samples"] == 3 and spread.shape == (predictor.body.n_vertices,) and (spread >= 0).all()
     assert u["spread_mm"] == pytest.approx(spread.mean(), abs=1e-3)
     overlay = np.asarray(Image.open(tmp_path / "out" / "s_spread.png"))
-    assert overlay.shape == (predictor.crop_size, predictor.crop_size, 3)
+    assert overlay.shape == rgb_image.shape
     # seeded: the same image draws the same samples; the argmax prediction does not depend on them
     again = predictor.predict(rgb_image, samples=3)
     assert np.allclose(again["vertex_spread"], spread, atol=1e-3)

@@ -34,14 +34,17 @@ class CheckpointMismatch(ValueError):
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
     """Create ``path`` by ``write(binary_file)`` on a temporary file in the same folder, fsync, then
     rename: readers see the old file or the whole new one, never a part. On any failure the temporary
-    file is removed and an existing file at ``path`` stays as it was. Every file the project writes
-    for later reuse (checkpoints, shards, caches, logs, manifests) goes through here."""
+    file is removed and an existing file at ``path`` stays as it was. The file gets the mode a plain
+    ``open()`` would give it (:func:`new_file_mode`, 0644 under the usual umask 022), not mkstemp's
+    0600. Every file the project writes for later reuse (checkpoints, shards, caches, logs,
+    manifests, demo outputs) goes through here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, new_file_mode())
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -51,6 +54,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def new_file_mode() -> int:
+    """0666 less the process umask: the mode a new file gets from ``open()``, so that files written
+    through a temporary file are as readable by others as any other file the user writes."""
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read from /proc where it exists (setting it to read it is not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:

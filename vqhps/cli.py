@@ -297,19 +297,19 @@ def _evaluate(args) -> int:
 
 
 def _demo(args) -> int:
-    from .demo import load_predictor, run_demo
+    from .demo import expand_inputs, load_predictor, run_demo
 
     cfg = _config(args)
-    source = Path(args.input)
-    if not source.exists():
-        raise FileNotFoundError(f"{source}: no such image or folder")
-    predictor = load_predictor(args.checkpoint, cfg)
     if args.samples < 0:
         raise ValueError(f"--samples must be 0 (off) or a positive number of token samples, got {args.samples}")
-    report = run_demo([source], predictor, args.out, bbox=args.bbox, samples=args.samples)
+    files = expand_inputs(args.inputs)  # an input without images fails here, before anything is written
+    predictor = load_predictor(args.checkpoint, cfg)
+    if args.bbox is None:
+        print("no --bbox: using the whole image (a square around its centre, the shorter side padded)")
+    report = run_demo(files, predictor, args.out, bbox=args.bbox, samples=args.samples)
+    if report["failed"] and not report["ok"]:
+        raise ValueError("; ".join(reason for _, reason in report["failed"]))
     for path, reason in report["failed"]:
-        if not source.is_dir():
-            raise ValueError(reason)
         print(f"skipped {path}: {reason}")
     print(f"{len(report['ok'])} image(s) done, {len(report['failed'])} skipped; outputs in {args.out}")
     return 0
@@ -432,11 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override runtime.compile (compiled backbones on CUDA)")
     p.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
 
-    p = command("demo", _demo, "run a trained VQ-HPS on an image or a folder of images")
-    p.add_argument("input", help="an image file or a folder of images")
+    p = command("demo", _demo, "run a trained VQ-HPS on images: files, folders and globs; for each, the mesh "
+                "(OBJ, GLB), its overlay on the whole photo, a side view and a JSON record")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, folders of images, or quoted glob patterns such as 'photos/*.jpg' (each image "
+                        "once; an input that matches no image is an error and nothing is written)")
     p.add_argument("--checkpoint", required=True, type=Path, help="VQ-HPS checkpoint (python -m vqhps train)")
     p.add_argument("--bbox", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), default=None,
-                   help="person box in pixels (default: the whole image)")
+                   help="person box in pixels, for every input (default: the whole image)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--samples", type=int, default=0, metavar="K",
                    help="also sample K token sequences from the logits and write their per-vertex spread (mm) "

@@ -39,8 +39,23 @@ def configure_platform(timeout: float = 60.0) -> str:
     return chosen
 
 
+def _load_triton_first() -> None:
+    """Load triton (its bundled LLVM) before any GL context when it is installed: once Mesa's llvmpipe
+    (EGL or OSMesa) is loaded, a later ``import triton`` (torch._dynamo imports it, e.g. through the
+    body model's libraries) crashes the process."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken triton only matters to code that uses it
+        pass
+
+
 @lru_cache(maxsize=1)
 def _pyrender():
+    _load_triton_first()
     configure_platform()
     # pyrender imports pyglet for its viewer; headless pyglet needs no X libraries
     os.environ.setdefault("PYGLET_HEADLESS", "true")
@@ -64,6 +79,11 @@ class MeshRenderer:
     def __init__(self, width: int, height: int | None = None):
         self.width, self.height = width, height or width
         self._renderer = _pyrender().OffscreenRenderer(self.width, self.height)
+
+    def resize(self, width: int, height: int | None = None) -> None:
+        """Render at another size from the next call on, keeping the context (images of many sizes)."""
+        self.width, self.height = int(width), int(height or width)
+        self._renderer.viewport_width, self._renderer.viewport_height = self.width, self.height
 
     def close(self) -> None:
         if self._renderer is not None:
