@@ -21,9 +21,9 @@ def smoke_cfg():
 
 @pytest.fixture(scope="session")
 def body(smoke_cfg):
-    from vqhps.body import load_body
+    from vqhps.body_setup import setup_body
 
-    return load_body(smoke_cfg)
+    return setup_body(smoke_cfg)
 
 
 @pytest.fixture()
@@ -42,7 +42,7 @@ def tiny_cfg(tmp_path):
 def smoke_artifacts(smoke_cfg):
     """The smoke benchmark and both smoke Mesh-VQ-VAE stages, at their default locations (what
     notebooks 00 and 01 make; built here when missing, reused when present)."""
-    from vqhps.body import load_body
+    from vqhps.body_setup import setup_body
     from vqhps.data import synthetic
     from vqhps.vqvae_training import train_stage
 
@@ -50,7 +50,7 @@ def smoke_artifacts(smoke_cfg):
     before = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
     try:
-        body = load_body(smoke_cfg)
+        body = setup_body(smoke_cfg)
         synthetic.build_benchmark(smoke_cfg, progress=False)
         train_stage(smoke_cfg, body, "pretrain")
         train_stage(smoke_cfg, body, "finetune", train_meshes=synthetic.split_meshes(smoke_cfg, "train"))

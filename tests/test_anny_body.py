@@ -3,7 +3,8 @@ import numpy as np
 import torch
 
 from vqhps.body.base import H36M17_NAMES, SMPL24_NAMES
-from vqhps.body.regressors import posed_samples, regressor_error_mm
+from vqhps.body.regressors import regressor_error_mm
+from vqhps.body_setup import posed_samples
 
 
 def test_surface_and_convention(body):
@@ -132,3 +133,47 @@ def test_anny_uses_the_device_side_interpolation(body):
     from vqhps.body.anny_body import interpolation_coefficients
 
     assert anny.utils.interpolation.linear_interpolation_coefficients is interpolation_coefficients
+
+
+def test_nothing_under_the_body_layer_imports_the_data_layer():
+    """vqhps.body sits below vqhps.data: the poses the regressors are fitted on come from above
+    (vqhps.body_setup), never through an import that runs back up the layers."""
+    import ast
+    from pathlib import Path
+
+    import vqhps.body
+
+    offenders = []
+    for path in sorted(Path(vqhps.body.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                package = {0: "", 1: "vqhps.body.", 2: "vqhps."}[node.level]
+                names = [package + (node.module or "")]
+            else:
+                continue
+            offenders += [f"{path.name}:{node.lineno} {n}" for n in names if n.startswith("vqhps.data")]
+    assert not offenders, offenders
+
+
+def test_setup_body_fits_missing_regressors_into_the_cache(tmp_path, smoke_cfg):
+    """A fresh cache: load_body says how to fit the regressors, setup_body fits and caches them once."""
+    import pytest
+
+    from vqhps.body import RegressorsNotFitted, load_body
+    from vqhps.body.regressors import regressor_path
+    from vqhps.body_setup import setup_body
+    from vqhps.config import load_config
+
+    cfg = load_config("smoke", **{"body.regressor_fit_samples": 60})
+    cfg.paths.cache = tmp_path
+    (tmp_path / "anny").symlink_to(smoke_cfg.paths.anny_cache, target_is_directory=True)
+    with pytest.raises(RegressorsNotFitted, match="setup-body"):
+        load_body(cfg)
+    body = setup_body(cfg)
+    assert regressor_path(body, tmp_path / "regressors", 60, cfg.body.regressor_seed).is_file()
+    for reg in (body.regressor24, body.regressor17):
+        r = reg.numpy()
+        assert (r >= 0).all() and np.allclose(r.sum(1), 1.0, atol=1e-5) and (r > 0).sum(1).max() <= 64
+    assert setup_body(cfg) is body and load_body(cfg) is body

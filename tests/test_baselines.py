@@ -39,9 +39,9 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def body(cfg):
-    from vqhps.body import load_body
+    from vqhps.body_setup import setup_body
 
-    return load_body(cfg)
+    return setup_body(cfg)
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory, smoke_artifacts):
     """A small, untrained VQ-HPS checkpoint matching the smoke body and fine-tuned Mesh-VQ-VAE."""
-    from vqhps.body import load_body
+    from vqhps.body_setup import setup_body
     from vqhps.checkpoint import save_checkpoint
     from vqhps.hps_training import build_vqhps, vqhps_config, vqhps_meta
     from vqhps.vqvae_training import load_mesh_vqvae
 
     cfg = smoke_artifacts
-    body = load_body(cfg)
+    body = setup_body(cfg)
     vqvae = load_mesh_vqvae(cfg, body, "finetune")
     hcfg = vqhps_config(cfg, d_model=32, n_heads=2, enc_layers=1, dec_layers=1, mlp_hidden=32, rot_hidden=32)
     torch.manual_seed(0)

@@ -249,13 +249,13 @@ def test_pick_examples_span_the_spread():
 @pytest.fixture(scope="module")
 def tiny_model(smoke_artifacts):
     """A small, untrained VQ-HPS for the smoke body and Mesh-VQ-VAE, with a few test images."""
-    from vqhps.body import load_body
+    from vqhps.body_setup import setup_body
     from vqhps.data import synthetic
     from vqhps.hps_training import build_vqhps, vqhps_config
     from vqhps.vqvae_training import load_mesh_vqvae
 
     cfg = smoke_artifacts
-    body = load_body(cfg)
+    body = setup_body(cfg)
     vqvae = load_mesh_vqvae(cfg, body, "finetune")
     torch.manual_seed(0)
     hcfg = vqhps_config(cfg, d_model=32, n_heads=2, mlp_hidden=32, rot_hidden=32)

@@ -38,7 +38,7 @@ def scaling_worker(cfg, per_process_batch: int, warmup: int, iters: int, out: Pa
     """One process of a scaling run (already joined to torchrun's group, or alone): VQ-HPS training
     steps with input at ``per_process_batch`` per process, timed; rank 0 writes the row to ``out``."""
     from .bench import _peak_mb, run_facts, timed, vqhps_training_rig
-    from .body import load_body
+    from .body_setup import setup_body
     from .distributed import current, rank0_first
     from .train import device_of
     from .vqvae_training import build_mesh_vqvae
@@ -46,7 +46,7 @@ def scaling_worker(cfg, per_process_batch: int, warmup: int, iters: int, out: Pa
     info = current()
     device = device_of(cfg.runtime)
     with rank0_first():  # fills the body-model and hierarchy caches once
-        body = load_body(cfg)
+        body = setup_body(cfg)
         vqvae = build_mesh_vqvae(cfg, body)
     body, vqvae = body.to(device), vqvae.to(device).eval()
     global_batch = per_process_batch * info.world

@@ -112,7 +112,7 @@ class HierarchyConfig:
 @dataclass
 class VQVAEConfig:
     """Mesh-VQ-VAE architecture and training (authors' architecture plus one all-to-all bottleneck layer
-    on each side and a global readout in the decoder; faster schedule, see README)."""
+    on each side and a global readout in the decoder; faster schedule, see docs/design.md)."""
 
     channels: tuple[int, ...] = (32, 64, 128)
     latent_dim: int = 9
@@ -122,12 +122,12 @@ class VQVAEConfig:
     #: all-to-all convolutions at the 54 bottom vertices, in the encoder before the latent and in the
     #: decoder after it. 0 is the authors' architecture, where every token only reaches its neighbours;
     #: with 1 (beyond the paper) the full schedule reconstructs test meshes at 6.76 mm PVE instead of
-    #: 8.2-9.0 mm, for about 3% more training time (README, "What limits the Mesh-VQ-VAE")
+    #: 8.2-9.0 mm, for about 3% more training time (docs/experiments.md, "Mesh-VQ-VAE")
     bottleneck_layers: int = 1
     #: beyond the paper: a zero-initialised map from all 54 x 9 latent values to every vertex, added to
     #: the decoder's output, a global path beside the convolutions' local one. With it (linear) the full
     #: schedule reconstructs test meshes at 5.60 mm PVE instead of 6.76 mm, at the same step time
-    #: (README, "What limits the Mesh-VQ-VAE")
+    #: (docs/experiments.md, "Mesh-VQ-VAE")
     linear_readout: bool = True
     #: width of the hidden GELU layers in that readout (0: linear). With ``readout_lr_scale=0.1`` and seed 0 the
     #: full schedule reconstructs test meshes at 5.63, 5.21 and 4.76 mm PVE with 1024, 2048 and 4096 units
@@ -144,11 +144,11 @@ class VQVAEConfig:
     commitment: float = 0.25
     #: codes whose EMA usage fraction falls below this are restarted on current inputs, in pre-training
     #: (uniform usage is 1/512, about 2e-3). Restarts keep the codebook in use: 1e-5 left a perplexity
-    #: of 313 against 457 after 5,000 steps (README, "What limits the Mesh-VQ-VAE")
+    #: of 313 against 457 after 5,000 steps (docs/experiments.md, "Mesh-VQ-VAE")
     dead_code_threshold: float = 1e-3
     #: the same threshold while fine-tuning; 0 restarts nothing. A fine-tuning whose codes stay put lets
     #: the decoder keep what it learned of each: from one pre-training, 4.73 mm test PVE with 0 against
-    #: 5.02 mm with 1e-3 (single runs on one H200, README)
+    #: 5.02 mm with 1e-3 (single runs on one H200, docs/experiments.md)
     finetune_dead_code_threshold: float = 0.0
     batch_size: int = 64
     lr: float = 1e-3

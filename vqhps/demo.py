@@ -195,7 +195,7 @@ def load_predictor(checkpoint: str | os.PathLike, cfg, device: torch.device | st
     """Body model + fine-tuned Mesh-VQ-VAE + the VQ-HPS ``checkpoint``. FileNotFoundError naming the
     path and the command that writes it when a checkpoint is missing; CheckpointMismatch when the
     VQ-HPS checkpoint was trained with another body or Mesh-VQ-VAE."""
-    from .body import load_body
+    from .body_setup import setup_body
     from .hps_training import load_vqhps
     from .vqvae_training import checkpoint_dir, load_mesh_vqvae
 
@@ -209,7 +209,7 @@ def load_predictor(checkpoint: str | os.PathLike, cfg, device: torch.device | st
         raise FileNotFoundError(f"Mesh-VQ-VAE checkpoint not found: {vae_path}; train it with "
                                 f"`python -m vqhps train-vae --profile {cfg.profile}`")
     device = torch.device(device)
-    body = load_body(cfg).to(device)
+    body = setup_body(cfg).to(device)
     vqvae = load_mesh_vqvae(cfg, body, "finetune", device)
     model = load_vqhps(checkpoint, cfg, body, vqvae, device)
     return Predictor(cfg, body, vqvae, model, device, checkpoint)

@@ -3,7 +3,7 @@
 Every (setting, repeat) is one ``train-vae`` + ``evaluate-vae`` subprocess pair in its own results
 folder, repeat ``r`` at seed ``cfg.seed + r``; the tables give each run's validation and test errors
 and, per setting, the mean and spread. Two runs of one setting can differ by more than half a
-millimetre (README, "What limits the Mesh-VQ-VAE"), so settings are ranked on means over repeats, not
+millimetre (docs/experiments.md, "Mesh-VQ-VAE"), so settings are ranked on means over repeats, not
 on single runs, and on the validation split, so that the test split stays a measurement.
 """
 from __future__ import annotations

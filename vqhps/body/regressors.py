@@ -4,6 +4,9 @@ over posed samples of the mesh against the skeleton points the joints stand for.
 anny has no SMPL skeleton, so each of the 24 SMPL-like and 17 H36M-like joints is defined by anny
 bone heads (or a surface vertex for the top of the head); the regressor then recovers it from the
 vertices alone, which is what a predicted mesh offers.
+
+The poses to fit on come from the caller (``sampler``): this module knows bodies, not pose sources.
+``vqhps.body_setup`` fits with the project's pose library; ``vqhps.body.load_body`` reads the cache.
 """
 from __future__ import annotations
 
@@ -118,12 +121,9 @@ def fit_regressor(vertices: np.ndarray, joints: np.ndarray, rest: np.ndarray, re
     return out
 
 
-def posed_samples(body, n: int, seed: int, sampler: Callable | None = None, batch: int = 100):
-    """Posed meshes of random shapes and library poses, with their joint targets."""
-    if sampler is None:
-        from vqhps.data.poses import PoseSampler
-
-        sampler = PoseSampler(seed).sample
+def posed_samples(body, n: int, seed: int, sampler: Callable, batch: int = 100):
+    """Posed meshes of random shapes and of the poses ``sampler(b) -> (poses, ...)`` draws, with their
+    joint targets."""
     from .anny_body import sample_phenotypes
 
     rng = np.random.default_rng([seed, 1])
@@ -147,15 +147,25 @@ def regressor_error_mm(regressor: np.ndarray, vertices: np.ndarray, joints: np.n
     return 1000.0 * np.linalg.norm(pred - joints, axis=-1).mean(0)
 
 
-def load_or_fit_regressors(body, cache_dir: Path, n_samples: int = 2000, seed: int = 1234,
-                           sampler: Callable | None = None) -> dict[str, np.ndarray]:
-    """Regressors for ``body`` from the cache, fitting and caching them (atomically) when absent."""
+def regressor_path(body, cache_dir: Path, n_samples: int = 2000, seed: int = 1234) -> Path:
+    """Where the regressors of ``body`` fitted on ``n_samples`` posed samples of ``seed`` are cached."""
     key = hashlib.sha1(json.dumps([FIT_VERSION, body.identifier(), n_samples, seed, SMPL24_TARGETS, H36M17_TARGETS],
                                   sort_keys=True).encode()).hexdigest()[:12]
-    path = Path(cache_dir) / f"regressors-{key}.npz"
-    if path.exists():
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
+    return Path(cache_dir) / f"regressors-{key}.npz"
+
+
+def load_regressors(body, cache_dir: Path, n_samples: int = 2000, seed: int = 1234) -> dict[str, np.ndarray] | None:
+    """The cached regressors of ``body`` (``regressor24``, ``regressor17``), or None when not fitted yet."""
+    path = regressor_path(body, cache_dir, n_samples, seed)
+    if not path.exists():
+        return None
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def fit_regressors(body, cache_dir: Path, n_samples: int, seed: int, sampler: Callable) -> dict[str, np.ndarray]:
+    """Fit both regressors of ``body`` on ``n_samples`` poses from ``sampler`` and cache them (atomically)
+    where ``load_regressors`` looks."""
     verts, j24, j17 = posed_samples(body, n_samples, seed, sampler)
     with torch.no_grad():
         rest_out = body.pose_with_bones(body.rest_pose(1), torch.full((1, body.shape_dim), 0.5))
@@ -163,5 +173,5 @@ def load_or_fit_regressors(body, cache_dir: Path, n_samples: int = 2000, seed: i
     r24, r17 = joint_targets(rest_out["vertices"], rest_out["bone_heads"], body.bone_labels, body.template.numpy())
     result = {"regressor24": fit_regressor(verts, j24, rest, r24[0].double().numpy()),
               "regressor17": fit_regressor(verts, j17, rest, r17[0].double().numpy())}
-    atomic_write(path, lambda f: np.savez(f, **result))
+    atomic_write(regressor_path(body, cache_dir, n_samples, seed), lambda f: np.savez(f, **result))
     return result
