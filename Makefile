@@ -10,6 +10,8 @@ PROFILE ?= $(shell $(PYTHON) -c "import torch; print('full' if torch.cuda.is_ava
 # full on one GPU: the trainings run as background jobs beside the notebooks (OVERLAP= turns it off)
 # study-wide config overrides, e.g. make reproduce SET="vqhps.backbone=resnet50"
 SET ?=
+# where the data comes from: synthetic (embedded) or paper (SMPL + AMASS + 3DPW, see README)
+SOURCE ?= synthetic
 OVERLAP ?= $(if $(and $(filter full,$(PROFILE)),$(filter 1,$(NPROC))),--overlap)
 
 .PHONY: setup system-libs test unit-test notebook-test reproduce bench clean
@@ -47,8 +49,8 @@ notebook-test: setup
 	$(PYTHON) -m pytest -q -p no:cacheprovider --durations=12 --nbval-lax --nbval-current-env notebooks/
 
 reproduce: setup
-	@echo "make reproduce: profile $(PROFILE), $(NPROC) process(es) $(OVERLAP)"
-	$(PYTHON) -m vqhps reproduce --profile $(PROFILE) --nproc $(NPROC) $(OVERLAP) $(foreach s,$(SET),--set $(s))
+	@echo "make reproduce: profile $(PROFILE), $(SOURCE) data, $(NPROC) process(es) $(OVERLAP)"
+	$(PYTHON) -m vqhps reproduce --profile $(PROFILE) --nproc $(NPROC) $(OVERLAP) $(if $(filter-out synthetic,$(SOURCE)),--set data.source=$(SOURCE)) $(foreach s,$(SET),--set $(s))
 
 bench: setup
 	$(PYTHON) -m vqhps bench --profile $(PROFILE)

@@ -20,6 +20,8 @@ PATH_ENV_VARS = {
     "VQHPS_CACHE_DIR": "cache",
     "VQHPS_RESULTS_DIR": "results",
     "VQHPS_SMPL_DIR": "smpl_dir",
+    "VQHPS_AMASS_DIR": "amass_dir",
+    "VQHPS_3DPW_DIR": "pw3d_dir",
 }
 
 
@@ -54,6 +56,10 @@ class Paths:
     smpl_dir: Path = field(
         default_factory=lambda: _env_path("VQHPS_SMPL_DIR", PROJECT_ROOT / "data" / "body_models" / "smpl")
     )
+    #: AMASS motion files (``**/*.npz``, SMPL+H or SMPL parameters), read when ``data.source="paper"``
+    amass_dir: Path = field(default_factory=lambda: _env_path("VQHPS_AMASS_DIR", PROJECT_ROOT / "data" / "amass"))
+    #: 3DPW: ``sequenceFiles/{train,validation,test}/*.pkl`` and ``imageFiles/<sequence>/image_XXXXX.jpg``
+    pw3d_dir: Path = field(default_factory=lambda: _env_path("VQHPS_3DPW_DIR", PROJECT_ROOT / "data" / "3dpw"))
 
     @property
     def anny_cache(self) -> Path:
@@ -75,8 +81,12 @@ class BodyConfig:
 
 @dataclass
 class DataConfig:
-    """Sizes and settings of the synthetic benchmark (3DPW analogue) and mesh corpus (AMASS analogue)."""
+    """Where the study's data comes from, and sizes and settings of the synthetic benchmark (3DPW
+    analogue) and mesh corpus (AMASS analogue)."""
 
+    #: ``synthetic``: the embedded benchmark rendered with anny; ``paper``: SMPL + AMASS + 3DPW from the
+    #: user's files (``Paths.smpl_dir``, ``amass_dir``, ``pw3d_dir``), as in the paper
+    source: Literal["synthetic", "paper"] = "synthetic"
     corpus_train: int = 200_000
     corpus_test: int = 5_000
     n_train: int = 50_000
@@ -289,12 +299,18 @@ class Config:
     uncertainty: UncertaintyConfig = field(default_factory=UncertaintyConfig)
 
     @property
+    def run_name(self) -> str:
+        """The profile, suffixed by the data source when it is not the synthetic default
+        (``full`` / ``full_paper``): runs on different data never share a folder."""
+        return self.profile if self.data.source == "synthetic" else f"{self.profile}_{self.data.source}"
+
+    @property
     def results_dir(self) -> Path:
-        return self.paths.results / self.profile
+        return self.paths.results / self.run_name
 
     @property
     def data_dir(self) -> Path:
-        return self.paths.data / self.profile
+        return self.paths.data / self.run_name
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
