@@ -16,8 +16,9 @@ OVERLAP ?= $(if $(and $(filter full,$(PROFILE)),$(filter 1,$(NPROC))),--overlap)
 
 .PHONY: setup system-libs test unit-test notebook-test reproduce bench clean
 
+# with SOURCE=paper, setup-body checks the paper's files first and stops with the list of problems
 setup: $(STAMP)
-	@$(PYTHON) -m vqhps setup-body
+	@$(PYTHON) -m vqhps setup-body $(if $(filter-out synthetic,$(SOURCE)),--set data.source=$(SOURCE))
 
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	@$(MAKE) --no-print-directory system-libs

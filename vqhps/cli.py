@@ -31,7 +31,36 @@ def _join(cfg):
     return setup_distributed("nccl" if on_gpu else "gloo")
 
 
+#: commands that read the study's data: with ``data.source=paper`` they check the paper's files first
+_DATA_COMMANDS = ("setup-body", "prepare", "train-vae", "evaluate-vae", "sweep-vae", "train", "evaluate", "bench",
+                  "bench-ddp", "reproduce")
+
+
+def _require_paper_files(args) -> None:
+    """With ``data.source=paper``, a command that reads data first checks every paper file and raises
+    one error listing all problems: before torch is imported and before anything is written."""
+    if args.command not in _DATA_COMMANDS:
+        return
+    cfg = _config(args)
+    if cfg.data.source == "paper":
+        from .data.paper_files import require_paper_files
+
+        require_paper_files(cfg)
+
+
 # ----------------------------------------------------------------------------- commands
+def _check_data(args) -> int:
+    """The paper's files (SMPL, AMASS, 3DPW) checked, whatever ``data.source`` says; exit 2 on problems."""
+    from .data.paper_files import require_paper_files, summary_line
+
+    cfg = _config(args)
+    report = require_paper_files(cfg)
+    print(summary_line(cfg, report))
+    if cfg.data.source != "paper":
+        print("note: data.source is synthetic; runs use these files with --set data.source=paper")
+    return 0
+
+
 def _setup_body(args) -> int:
     from .body_setup import setup_body
 
@@ -354,7 +383,7 @@ def _reproduce(args) -> int:
     from .reproduce import reproduce
 
     return reproduce(args.profile, nproc=args.nproc, only=args.only, overlap=args.overlap, runner=args.runner,
-                     overrides=args.set)
+                     overrides=args.set, check_files=False)  # main() checked the paper's files
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -370,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    command("check-data", _check_data, "check the paper's data files (SMPL, AMASS, 3DPW; README, 'Run on the "
+            "paper's data'): prints 'all paper files present' or every problem with its fix (exit 2)")
     command("setup-body", _setup_body, "build the body-model cache and fit its joint regressors")
     command("prepare", _prepare, "render the synthetic benchmark (cached)")
 
@@ -468,6 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        _require_paper_files(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from .distributed import teardown_distributed  # after parsing: --help needs no torch
 
     ok = False

@@ -168,7 +168,7 @@ def _execute(nb: Path, out_dir: Path, parameters: dict, runner: str) -> None:
 
 
 def reproduce(profile: str, nproc: int = 1, only: list[str] | None = None, overlap: bool = False,
-              runner: str = "papermill", overrides: list[str] | None = None) -> int:
+              runner: str = "papermill", overrides: list[str] | None = None, check_files: bool = True) -> int:
     """Execute every notebook for ``profile``; stop at the first failure and name it. Returns an exit code.
 
     ``nproc`` reaches every notebook as a papermill parameter: with more than one, the training
@@ -179,10 +179,17 @@ def reproduce(profile: str, nproc: int = 1, only: list[str] | None = None, overl
     in this process (no Jupyter kernel needed); either runner writes the executed copies. ``overrides``
     (``key=value`` pairs, e.g. ``vqhps.backbone=resnet50``) apply to every notebook and training job
     of the run (through ``$VQHPS_SET``) and are recorded in the manifest. A run of every notebook
-    starts a new manifest; ``only`` adds to the existing one."""
+    starts a new manifest; ``only`` adds to the existing one. With ``data.source=paper`` the paper's
+    files are checked first (``check_files``; the CLI checks before calling): PaperFilesError lists
+    every problem and nothing is written."""
     pairs = [*os.environ.get(STUDY_OVERRIDES_ENV, "").split(), *(overrides or [])]
     parse_overrides(pairs)  # a bad key or value fails here, before any work
     with environment({STUDY_OVERRIDES_ENV: " ".join(pairs)}):
+        cfg = load_config(profile)
+        if check_files and cfg.data.source == "paper":
+            from .data.paper_files import require_paper_files
+
+            require_paper_files(cfg)
         return _reproduce(profile, nproc, only, overlap, runner, pairs)
 
 
