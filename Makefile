@@ -43,8 +43,10 @@ system-libs:
 
 test: setup unit-test notebook-test
 
+# one pytest-xdist worker per core by default; a test file stays on one worker (its fixtures run once)
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 unit-test: setup
-	$(PYTHON) -m pytest -q --durations=25 tests
+	$(PYTHON) -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile tests
 
 notebook-test: setup
 	$(PYTHON) -m pytest -q -p no:cacheprovider --durations=12 --nbval-lax --nbval-current-env notebooks/

@@ -2,6 +2,7 @@
 (its cache and regressors live in the project cache and are built once)."""
 from __future__ import annotations
 
+import fcntl
 import os
 
 import pytest
@@ -10,6 +11,11 @@ import torch
 os.environ.setdefault("PYOPENGL_PLATFORM", "")
 if not os.environ["PYOPENGL_PLATFORM"]:
     del os.environ["PYOPENGL_PLATFORM"]
+
+# under pytest-xdist (make unit-test runs one worker per core) each worker takes its share of the cores
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 
 @pytest.fixture(scope="session")
@@ -46,14 +52,18 @@ def smoke_artifacts(smoke_cfg):
     from vqhps.data import synthetic
     from vqhps.vqvae_training import train_stage
 
-    # every core, whatever the requesting module asked for (``one_thread``): this runs once and long
+    # every core, whatever the requesting module asked for (``one_thread``): this runs once and long.
+    # Under pytest-xdist the first worker builds while the others wait on the lock, then reuse
     before = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
+    smoke_cfg.paths.cache.mkdir(parents=True, exist_ok=True)
     try:
-        body = setup_body(smoke_cfg)
-        synthetic.build_benchmark(smoke_cfg, progress=False)
-        train_stage(smoke_cfg, body, "pretrain")
-        train_stage(smoke_cfg, body, "finetune", train_meshes=synthetic.split_meshes(smoke_cfg, "train"))
+        with open(smoke_cfg.paths.cache / "smoke_artifacts.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            body = setup_body(smoke_cfg)
+            synthetic.build_benchmark(smoke_cfg, progress=False)
+            train_stage(smoke_cfg, body, "pretrain")
+            train_stage(smoke_cfg, body, "finetune", train_meshes=synthetic.split_meshes(smoke_cfg, "train"))
     finally:
         torch.set_num_threads(before)
     return smoke_cfg

@@ -174,8 +174,8 @@ for train in (False, True):
         close(dx, dx_ref, "input gradient through a frozen layer")
     dx_ref = dx
 # a whole encoder and decoder on a small hierarchy, bottleneck layers (all-to-all) included
-sphere = trimesh.creation.icosphere(subdivisions=2)
-hierarchy = build_hierarchy(sphere.vertices, sphere.faces, level_sizes=(80, 40, 20), bottom_size=20)
+sphere = trimesh.creation.icosphere(subdivisions=1)
+hierarchy = build_hierarchy(sphere.vertices, sphere.faces, level_sizes=(24, 12, 6), bottom_size=6)
 model = MeshVQVAE(torch.as_tensor(sphere.vertices, dtype=torch.float32), hierarchy,
                   VQVAEConfig(channels=(4, 8, 8), latent_dim=3, codebook_size=8, bottleneck_layers=1,
                               readout_hidden=16))

@@ -102,7 +102,7 @@ def test_sweep_command_trains_two_smoke_settings_skips_them_when_rerun_and_repor
         smoke_artifacts, tmp_path, capsys):
     from vqhps.cli import main
 
-    quick = ["--set", "vqvae.pretrain_steps=4", "--set", "vqvae.finetune_steps=2", "--set", "runtime.progress=false"]
+    quick = ["--set", "vqvae.pretrain_steps=1", "--set", "vqvae.finetune_steps=1", "--set", "runtime.progress=false"]
     argv = ["sweep-vae", "--profile", "smoke", "--grid", "vqvae.readout_hidden=0,16", "--repeats", "1",
             "--gpus", "--out", str(tmp_path), *quick]
     assert main(argv) == 0
