@@ -283,15 +283,43 @@ SMPL_JOINT_NAMES = ("pelvis", "left_hip", "right_hip", "spine1", "left_knee", "r
                     "left_hand", "right_hand")
 
 
+def local_faces(vertices: np.ndarray, n_faces: int = N_FACES, spare: int = 64) -> np.ndarray:
+    """(n_faces, 3) uint32 small triangles over ``vertices``: each vertex with its nearest neighbours,
+    plus one triangle joining every stray patch to the largest, so the surface is connected. Random
+    faces would span the body: software rendering of such a mesh costs seconds a frame."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(vertices)
+    _, nn = tree.query(vertices, k=4)
+    faces = np.concatenate([nn[:, [0, 1, 2]], nn[:, [0, 2, 3]]])[:n_faces - spare]
+    n = len(vertices)
+    edges = coo_matrix((np.ones(faces.size), (faces.ravel(), np.roll(faces, 1, axis=1).ravel())), shape=(n, n))
+    _, label = connected_components(edges, directed=False)
+    main = np.flatnonzero(label == np.bincount(label).argmax())
+    main_tree = cKDTree(vertices[main])
+    links = []
+    for comp in set(label.tolist()) - {int(label[main[0]])}:
+        v = int(np.flatnonzero(label == comp)[0])
+        _, near = main_tree.query(vertices[v], k=2)
+        links.append([v, int(main[near[0]]), int(main[near[1]])])
+    if len(links) > spare:
+        raise ValueError(f"{len(links)} stray patches, more than the {spare} spare faces")
+    faces = np.concatenate([faces, np.asarray(links, dtype=np.int64).reshape(-1, 3)])
+    return np.concatenate([faces, faces[:n_faces - len(faces)]]).astype(np.uint32)
+
+
 def write_paper_files(root: Path, frames: dict[str, int] | None = None, seed: int = 0) -> dict[str, Path]:
     """The paper source's files in their fixed layout under ``root``: ``smpl/SMPL_NEUTRAL.pkl`` (a
-    symmetric random model) and ``smpl/J_regressor_h36m.npy`` (17, 6890, non-negative); two AMASS
+    symmetric random model with small faces) and ``smpl/J_regressor_h36m.npy`` (17, 6890, non-negative); two AMASS
     sequences (SMPL+H and SMPL widths) and a ``shape.npz`` under ``amass/``; a two-person 3DPW sequence
     per split (``frames`` per split, default train 8, validation 3, test 5) under ``3dpw/``. Returns
     {"smpl", "amass", "3dpw"} folders."""
     frames = frames or {"train": 8, "validation": 3, "test": 5}
     smpl, amass, pw3d = root / "smpl", root / "amass", root / "3dpw"
     arrays, reg = symmetric_smpl_arrays(seed)
+    arrays["f"] = local_faces(arrays["v_template"])
     write_smpl_pkl(smpl, arrays=arrays)
     np.save(smpl / "J_regressor_h36m.npy", np.stack([reg[SMPL_JOINT_NAMES.index(n)] for n in H36M_AS_SMPL]))
     write_amass_npz(amass / "CMU" / "01" / "01_01_poses.npz", n_frames=60, seed=seed + 1)

@@ -235,17 +235,21 @@ def code_usage(ids: torch.Tensor, codebook_size: int) -> tuple[np.ndarray, float
     return counts, float(np.exp(-(nz * np.log(nz)).sum()))
 
 
-def token_regions(model: MeshVQVAE, n_samples: int = 8, scale: float = 0.5) -> np.ndarray:
-    """Which token controls each vertex: perturb one token's latent and see which vertices move most."""
+def token_regions(model: MeshVQVAE, n_samples: int = 8, scale: float = 0.5, batch: int = 64) -> np.ndarray:
+    """Which token controls each vertex: perturb one token's latent and see which vertices move most.
+    The perturbations (drawn in token order, ``n_samples`` each) are decoded ``batch`` at a time."""
     device = model.template.device
     base = model.codebook[torch.zeros(1, model.n_tokens, dtype=torch.long, device=device)]
     gen = torch.Generator(device="cpu").manual_seed(0)
+    tokens = torch.arange(model.n_tokens).repeat_interleave(n_samples)
+    noise = torch.stack([torch.randn(base.shape[-1], generator=gen) for _ in range(len(tokens))]).to(device)
     with torch.no_grad():
         ref = model.decode_latent(base)
         influence = torch.zeros(model.n_tokens, model.n_vertices)
-        for t in range(model.n_tokens):
-            for _ in range(n_samples):
-                z = base.clone()
-                z[0, t] += scale * torch.randn(z.shape[-1], generator=gen).to(device)
-                influence[t] += torch.linalg.vector_norm(model.decode_latent(z) - ref, dim=-1)[0].cpu()
+        for start in range(0, len(tokens), batch):
+            t = tokens[start:start + batch]
+            z = base.expand(len(t), -1, -1).clone()
+            z[torch.arange(len(t)), t.to(device)] += scale * noise[start:start + batch]
+            moved = torch.linalg.vector_norm(model.decode_latent(z) - ref, dim=-1).cpu()
+            influence.index_add_(0, t, moved)
     return influence.argmax(0).numpy()
