@@ -82,7 +82,8 @@ class BodyConfig:
 @dataclass
 class DataConfig:
     """Where the study's data comes from, and sizes and settings of the synthetic benchmark (3DPW
-    analogue) and mesh corpus (AMASS analogue)."""
+    analogue) and mesh corpus (AMASS analogue). With ``source="paper"`` the sizes come from the files
+    (``amass_*`` and ``pw3d_*`` below), and n_train / n_val / n_test and the corpus sizes are unused."""
 
     #: ``synthetic``: the embedded benchmark rendered with anny; ``paper``: SMPL + AMASS + 3DPW from the
     #: user's files (``Paths.smpl_dir``, ``amass_dir``, ``pw3d_dir``), as in the paper
@@ -357,6 +358,8 @@ def smoke() -> Config:
         data=DataConfig(
             corpus_train=2_000, corpus_test=200, n_train=320, n_val=32, n_test=96,
             render_size=128, crop_size=64, shard_size=128, num_workers=0,
+            # paper source on a CPU: a slice of AMASS and of each 3DPW split, enough to run every notebook
+            amass_stride=50, amass_max_files=40, pw3d_stride=20, pw3d_max_sequences=2,
         ),
         # a quarter of the full channels: the per-vertex kernels are (N, K * C_in, C_out), so a CPU step
         # costs 3.5x less than at half (16, 32, 64); every layer and both stages still run. The readout's

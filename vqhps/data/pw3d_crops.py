@@ -263,6 +263,9 @@ def build_splits(cfg, splits: tuple[str, ...] = ("train", "val", "test"), worker
         todo += [t for t in tasks if str(t.shard) not in entries[split]]
         entries[split]["_n_shards"] = len(tasks)
     workers = cfg.data.num_workers if workers is None else workers
+    # the workers rebuild this body from the profile: the settings it depends on travel with them
+    overrides = {"data.source": cfg.data.source, "paths.smpl_dir": cfg.paths.smpl_dir, "paths.cache": cfg.paths.cache,
+                 "body.smpl_gender": cfg.body.smpl_gender, **(overrides or {})}
     bar = tqdm(total=len(todo), desc="cropping 3DPW " + ", ".join(entries), disable=not progress or not todo)
     if todo and workers <= 0:
         sequences: dict[str, Pw3dSequence] = {}
@@ -275,7 +278,7 @@ def build_splits(cfg, splits: tuple[str, ...] = ("train", "val", "test"), worker
     elif todo:
         with environment({k: "1" for k in _WORKER_THREAD_ENV}):  # inherited by the spawned workers
             with mp.get_context("spawn").Pool(min(workers, len(todo)), initializer=_worker_init,
-                                              initargs=(cfg.profile, overrides or {})) as pool:
+                                              initargs=(cfg.profile, overrides)) as pool:
                 for task, arrays in pool.imap_unordered(_worker_crop, todo):
                     entries[task.split][str(task.shard)] = _write(root, task, arrays)
                     bar.update()
