@@ -2,9 +2,10 @@
 27 articulated-joint rotations, 6 phenotypes, weak-perspective camera), its mean, the iterative
 error-feedback regressor, posing the body model, and the losses on joints and parameters.
 
-Pose layout: the body model takes (B, 104, 3, 3) local bone rotations; only the 27 bones of
-``vqhps.data.poses.ARTICULATED_BONES`` move in the data, so only those are regressed (6D each)
-and every other bone keeps the identity. The global rotation is separate (body frame -> the model's
+Pose layout (``PoseSpec``, chosen by the pose tensor's bone count): anny takes (B, 104, 3, 3) local
+bone rotations; only the 27 bones of ``vqhps.data.poses.ARTICULATED_BONES`` move in the data, so
+only those are regressed (6D each) and every other bone keeps the identity. SMPL takes (B, 24, 3, 3):
+its 23 non-root joints are regressed, 10 unbounded betas instead of 6 phenotypes in [0, 1]. The global rotation is separate (body frame -> the model's
 camera frame: the crop's own camera for HMR, as ``crop_rot`` of a prepared batch; the full frame's
 for CLIFF, as ``root_rot``)."""
 from __future__ import annotations
