@@ -197,10 +197,11 @@ def camera_facing_body(distance: float, yaw: float) -> np.ndarray:
 
 
 def write_pw3d(root: Path, sequence: str = "downtown_fake_00", n_frames: int = 3, n_people: int = 2,
-               seed: int = 0, image_size: tuple[int, int] = (240, 320)) -> tuple[Path, Path, dict[str, Any]]:
-    """A 3DPW sequence pickle under ``root/sequenceFiles/test`` and its JPEGs under
-    ``root/imageFiles/<sequence>``; frame ``t`` uses image number ``2t`` and is filled with grey
-    level ``40 + 50 t``. Returns (pkl path, image root, the pickled dict)."""
+               seed: int = 0, image_size: tuple[int, int] = (240, 320),
+               split: str = "test") -> tuple[Path, Path, dict[str, Any]]:
+    """A 3DPW sequence pickle under ``root/sequenceFiles/<split>`` (train, validation or test) and its
+    JPEGs under ``root/imageFiles/<sequence>``; frame ``t`` uses image number ``2t`` and is filled with
+    grey level ``(40 + 50 t) mod 256``. Returns (pkl path, image root, the pickled dict)."""
     rng = np.random.default_rng(seed)
     width, height = image_size
     poses, trans, betas, valid = [], [], [], []
@@ -228,14 +229,14 @@ def write_pw3d(root: Path, sequence: str = "downtown_fake_00", n_frames: int = 3
         "v_template_clothed": [np.zeros((N_VERTS, 3)) for _ in range(n_people)],
         "texture_maps": [np.zeros((4, 4, 3)) for _ in range(n_people)],
     }
-    pkl = root / "sequenceFiles" / "test" / f"{sequence}.pkl"
+    pkl = root / "sequenceFiles" / split / f"{sequence}.pkl"
     pkl.parent.mkdir(parents=True, exist_ok=True)
     with pkl.open("wb") as fh:
         pickle.dump(data, fh, protocol=2)
     image_root = root / "imageFiles"
     (image_root / sequence).mkdir(parents=True, exist_ok=True)
     for t in range(n_frames):
-        img = np.full((height, width, 3), 40 + 50 * t, np.uint8)
+        img = np.full((height, width, 3), (40 + 50 * t) % 256, np.uint8)
         Image.fromarray(img).save(image_root / sequence / f"image_{2 * t:05d}.jpg", quality=95)
     return pkl, image_root, data
 
@@ -253,3 +254,77 @@ def rewrite_pickle(src: Path, dst: Path, **changes: Any) -> Path:
     with dst.open("wb") as fh:
         pickle.dump(data, fh, protocol=2)
     return dst
+
+
+def symmetric_smpl_arrays(seed: int = 0) -> tuple[dict[str, Any], np.ndarray]:
+    """``make_smpl_arrays`` whose joint regressor is mirror-symmetric too (each right joint's row is
+    its left twin's on the mirrored vertices; midline rows averaged with their mirror), as SMPL's
+    nearly is: a flipped image's joints are then exactly the mirrored mesh's. Returns (arrays, (24, V)
+    regressor)."""
+    arrays = make_smpl_arrays(seed)
+    reg = arrays["J_regressor"].toarray()
+    twin = arrays["vert_sym_idxs"]
+    for left, right in _RIGHT_OF.items():
+        reg[right] = reg[left][twin]
+    for j in set(range(N_JOINTS)) - set(_RIGHT_OF) - set(_RIGHT_OF.values()):
+        reg[j] = 0.5 * (reg[j] + reg[j][twin])
+    arrays["J_regressor"] = scipy.sparse.csc_matrix(reg)
+    arrays["J"] = reg @ arrays["v_template"]
+    return arrays, reg
+
+
+#: H36M-17 joints (the usual regressor's order) as the SMPL joints the stand-in regressor copies
+H36M_AS_SMPL = ("pelvis", "right_hip", "right_knee", "right_ankle", "left_hip", "left_knee", "left_ankle", "spine2",
+                "neck", "head", "head", "left_shoulder", "left_elbow", "left_wrist", "right_shoulder", "right_elbow",
+                "right_wrist")
+SMPL_JOINT_NAMES = ("pelvis", "left_hip", "right_hip", "spine1", "left_knee", "right_knee", "spine2", "left_ankle",
+                    "right_ankle", "spine3", "left_foot", "right_foot", "neck", "left_collar", "right_collar", "head",
+                    "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
+                    "left_hand", "right_hand")
+
+
+def local_faces(vertices: np.ndarray, n_faces: int = N_FACES, spare: int = 64) -> np.ndarray:
+    """(n_faces, 3) uint32 small triangles over ``vertices``: each vertex with its nearest neighbours,
+    plus one triangle joining every stray patch to the largest, so the surface is connected. Random
+    faces would span the body: software rendering of such a mesh costs seconds a frame."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(vertices)
+    _, nn = tree.query(vertices, k=4)
+    faces = np.concatenate([nn[:, [0, 1, 2]], nn[:, [0, 2, 3]]])[:n_faces - spare]
+    n = len(vertices)
+    edges = coo_matrix((np.ones(faces.size), (faces.ravel(), np.roll(faces, 1, axis=1).ravel())), shape=(n, n))
+    _, label = connected_components(edges, directed=False)
+    main = np.flatnonzero(label == np.bincount(label).argmax())
+    main_tree = cKDTree(vertices[main])
+    links = []
+    for comp in set(label.tolist()) - {int(label[main[0]])}:
+        v = int(np.flatnonzero(label == comp)[0])
+        _, near = main_tree.query(vertices[v], k=2)
+        links.append([v, int(main[near[0]]), int(main[near[1]])])
+    if len(links) > spare:
+        raise ValueError(f"{len(links)} stray patches, more than the {spare} spare faces")
+    faces = np.concatenate([faces, np.asarray(links, dtype=np.int64).reshape(-1, 3)])
+    return np.concatenate([faces, faces[:n_faces - len(faces)]]).astype(np.uint32)
+
+
+def write_paper_files(root: Path, frames: dict[str, int] | None = None, seed: int = 0) -> dict[str, Path]:
+    """The paper source's files in their fixed layout under ``root``: ``smpl/SMPL_NEUTRAL.pkl`` (a
+    symmetric random model with small faces) and ``smpl/J_regressor_h36m.npy`` (17, 6890, non-negative); two AMASS
+    sequences (SMPL+H and SMPL widths) and a ``shape.npz`` under ``amass/``; a two-person 3DPW sequence
+    per split (``frames`` per split, default train 8, validation 3, test 5) under ``3dpw/``. Returns
+    {"smpl", "amass", "3dpw"} folders."""
+    frames = frames or {"train": 8, "validation": 3, "test": 5}
+    smpl, amass, pw3d = root / "smpl", root / "amass", root / "3dpw"
+    arrays, reg = symmetric_smpl_arrays(seed)
+    arrays["f"] = local_faces(arrays["v_template"])
+    write_smpl_pkl(smpl, arrays=arrays)
+    np.save(smpl / "J_regressor_h36m.npy", np.stack([reg[SMPL_JOINT_NAMES.index(n)] for n in H36M_AS_SMPL]))
+    write_amass_npz(amass / "CMU" / "01" / "01_01_poses.npz", n_frames=60, seed=seed + 1)
+    write_amass_npz(amass / "BMLrub" / "s2" / "walk_poses.npz", n_frames=60, seed=seed + 2, width=72)
+    np.savez(amass / "CMU" / "01" / "shape.npz", betas=np.zeros(16), gender=np.array("male"))
+    for k, (split, n) in enumerate(frames.items()):
+        write_pw3d(pw3d, sequence=f"{split}_seq_00", n_frames=n, n_people=2, seed=seed + 10 + k, split=split)
+    return {"smpl": smpl, "amass": amass, "3dpw": pw3d}

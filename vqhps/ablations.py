@@ -188,11 +188,11 @@ def evaluate_ablations(cfg, body, device: torch.device | str | None = None, *,
     """Table 2 on the test split -> (table, per_sample). ``models`` ({row label: model_fn}) default
     to ``load_table2_models`` (notebook 03's VQ-HPS and the three ablations); ``per_sample`` stacks
     ``evaluate_split``'s per-sample metrics with a ``method`` column."""
-    from .data import synthetic
+    from .data import source
 
     device = torch.device(device) if device is not None else device_of(cfg.runtime)
     models = models if models is not None else load_table2_models(cfg, body, device)
-    test = test_arrays if test_arrays is not None else synthetic.load_split(cfg, "test")
+    test = test_arrays if test_arrays is not None else source.load_split(cfg, "test")
     per_sample, summaries = {}, {}
     for label, model_fn in models.items():
         per_sample[label], summaries[label] = hps.evaluate_split(model_fn, test, body, cfg, device, progress=progress)

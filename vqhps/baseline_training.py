@@ -25,7 +25,7 @@ import torch
 from . import hps_training as hps
 from .checkpoint import CheckpointMismatch, check_meta, load_checkpoint, read_meta
 from .config import VQHPSConfig
-from .data import synthetic
+from .data import source
 from .data.datasets import rotation_target
 from .geometry import rotation_angle_deg
 from .metrics import METRIC_COLUMNS
@@ -174,9 +174,9 @@ def train_baseline(cfg, body, name: str, stop_after: int | None = None, *, check
     meta = baseline_meta(name, hcfg, model, body, augment)
     _refuse_foreign(baseline_checkpoint(cfg, run), meta)
     model = hps.prepare_model(model, cfg, device, compiled=("backbone",))
-    train_arrays = synthetic.load_split(cfg, "train") if train_arrays is None else train_arrays
+    train_arrays = source.load_split(cfg, "train") if train_arrays is None else train_arrays
     if validate and val_arrays is None:
-        val_arrays = synthetic.load_split(cfg, "val")
+        val_arrays = source.load_split(cfg, "val")
     result = hps.fit(cfg, run, model, baseline_loss_fn(), hps.Schedule.of(hcfg), train_arrays, body, meta,
                      augment=augment, stop_after=stop_after, predictor=baseline_predictor() if validate else None,
                      val_arrays=val_arrays if validate else None)
@@ -232,7 +232,7 @@ def table1_predictors(cfg, body, vqvae, baselines: dict[str, torch.nn.Module],
         methods[label] = predict_vqhps(hps.load_vqhps(path, cfg, body, vqvae, device))
     methods[FLOOR] = hps.vqvae_floor_predictor(vqvae)
     if train_arrays is None:
-        train_arrays = synthetic.load_split(cfg, "train", keys=("pose", "shape", "root_rot"))
+        train_arrays = source.load_split(cfg, "train", keys=("pose", "shape", "root_rot"))
     methods[MEAN_BODY] = hps.mean_body_predictor(body, train_arrays, device)
     return methods
 

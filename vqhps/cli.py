@@ -72,22 +72,22 @@ def _setup_body(args) -> int:
 
 def _prepare(args) -> int:
     from .body_setup import setup_body
-    from .data import synthetic
+    from .data import source
     from .distributed import barrier, current
 
     cfg = _config(args)
     _join(cfg)
-    if current().is_main:  # rendering is not split over ranks: the others wait
+    if current().is_main:  # rendering / cropping is not split over ranks: the others wait
         setup_body(cfg)  # the renderers load the body model with its fitted joint regressors
-        paths = synthetic.build_benchmark(cfg, progress=cfg.runtime.progress)
-        print(f"benchmark ready under {cfg.data_dir / 'benchmark'} ({', '.join(paths)})")
+        paths = source.prepare(cfg, progress=cfg.runtime.progress)
+        print(f"{cfg.data.source} data ready under {cfg.data_dir} ({', '.join(paths)})")
     barrier()
     return 0
 
 
 def _train_vae(args) -> int:
     from .body_setup import setup_body
-    from .data import synthetic
+    from .data import source
     from .distributed import rank0_first
     from .vqvae_training import build_mesh_vqvae, train_stage
 
@@ -100,7 +100,7 @@ def _train_vae(args) -> int:
     for stage in stages:
         meshes = None
         if stage == "finetune":
-            meshes = synthetic.split_meshes(cfg, "train")  # poses and shapes; no rendering needed
+            meshes = source.split_meshes(cfg, "train")  # poses and shapes; no rendering needed
         _, result = train_stage(cfg, body, stage, stop_after=args.stop_after, train_meshes=meshes)
         _report(result)
     return 0
@@ -299,7 +299,7 @@ def _evaluate(args) -> int:
     from .baseline_training import baseline_predictor, load_baseline
     from .body_setup import setup_body
     from .checkpoint import read_meta
-    from .data import synthetic
+    from .data import source
     from .figures import save_table
     from .hps_training import evaluate_split, load_vqhps, vqhps_predictor
     from .train import device_of
@@ -318,7 +318,7 @@ def _evaluate(args) -> int:
     else:
         vqvae = load_mesh_vqvae(cfg, body, meta.get("vqvae_stage", "finetune"), device)
         model_fn = vqhps_predictor(vqvae, body)(load_vqhps(path, cfg, body, vqvae, device))
-    arrays = synthetic.load_split(cfg, args.split)
+    arrays = source.load_split(cfg, args.split)
     _, summary = evaluate_split(model_fn, arrays, body, cfg, device, progress=cfg.runtime.progress)
     precision = "bf16" if cfg.runtime.amp and device.type == "cuda" else "fp32"
     table = summary.assign(checkpoint=path.name, split=args.split, precision=precision)
@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("check-data", _check_data, "check the paper's data files (SMPL, AMASS, 3DPW; README, 'Run on the "
             "paper's data'): prints 'all paper files present' or every problem with its fix (exit 2)")
     command("setup-body", _setup_body, "build the body-model cache and fit its joint regressors")
-    command("prepare", _prepare, "render the synthetic benchmark (cached)")
+    command("prepare", _prepare, "render the synthetic benchmark or crop 3DPW and read AMASS (data.source; cached)")
 
     p = command("train-vae", _train_vae, "train the Mesh-VQ-VAE (pre-train on the corpus, fine-tune on the benchmark)")
     p.add_argument("--stage", choices=("pretrain", "finetune", "both"), default="both")

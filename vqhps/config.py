@@ -82,7 +82,8 @@ class BodyConfig:
 @dataclass
 class DataConfig:
     """Where the study's data comes from, and sizes and settings of the synthetic benchmark (3DPW
-    analogue) and mesh corpus (AMASS analogue)."""
+    analogue) and mesh corpus (AMASS analogue). With ``source="paper"`` the sizes come from the files
+    (``amass_*`` and ``pw3d_*`` below), and n_train / n_val / n_test and the corpus sizes are unused."""
 
     #: ``synthetic``: the embedded benchmark rendered with anny; ``paper``: SMPL + AMASS + 3DPW from the
     #: user's files (``Paths.smpl_dir``, ``amass_dir``, ``pw3d_dir``), as in the paper
@@ -103,6 +104,17 @@ class DataConfig:
     truncation_prob: float = 0.1
     num_workers: int = 14
     seed: int = 0
+    #: paper source: every AMASS frame this many apart is posed for pre-training. AMASS is captured at
+    #: 60-120 fps, so neighbouring frames are near duplicates; the authors sub-sample it too
+    amass_stride: int = 10
+    #: paper source: the largest number of AMASS files read (None: all); a cap for quick trial runs
+    amass_max_files: int | None = None
+    #: paper source: AMASS meshes posed per body-model call while the pre-training cache is built
+    amass_pose_batch: int = 512
+    #: paper source: every 3DPW frame this many apart becomes a crop (1: all, the paper's setting)
+    pw3d_stride: int = 1
+    #: paper source: the largest number of 3DPW sequences used per split (None: all); for quick trials
+    pw3d_max_sequences: int | None = None
 
 
 @dataclass
@@ -346,6 +358,8 @@ def smoke() -> Config:
         data=DataConfig(
             corpus_train=2_000, corpus_test=200, n_train=320, n_val=32, n_test=96,
             render_size=128, crop_size=64, shard_size=128, num_workers=0,
+            # paper source on a CPU: a slice of AMASS and of each 3DPW split, enough to run every notebook
+            amass_stride=50, amass_max_files=40, pw3d_stride=20, pw3d_max_sequences=2,
         ),
         # a quarter of the full channels: the per-vertex kernels are (N, K * C_in, C_out), so a CPU step
         # costs 3.5x less than at half (16, 32, 64); every layer and both stages still run. The readout's
@@ -377,13 +391,35 @@ def study_overrides() -> dict[str, Any]:
 
 def load_config(profile: str = "smoke", **overrides: Any) -> Config:
     """Build a profile and apply the study's overrides (``$VQHPS_SET``), then dotted ``overrides``,
-    e.g. ``load_config("smoke", **{"vqvae.lr": 1e-3})``."""
+    e.g. ``load_config("smoke", **{"vqvae.lr": 1e-3})``. The body model then follows the data source
+    (``body_follows_source``)."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
     cfg = PROFILES[profile]()
-    for dotted, value in {**study_overrides(), **overrides}.items():
+    merged = {**study_overrides(), **overrides}
+    for dotted, value in merged.items():
         _set_dotted(cfg, dotted, value)
+    body_follows_source(cfg, explicit_model=merged.get("body.model", merged.get("body__model")))
     return cfg
+
+
+#: the body model each data source's labels are made with
+SOURCE_BODY = {"synthetic": "anny", "paper": "smpl"}
+
+
+def body_follows_source(cfg: Config, explicit_model: str | None = None) -> None:
+    """Set ``cfg.body.model`` to the data source's body (``SOURCE_BODY``), in place.
+
+    The body is a consequence of the data, not a second choice: AMASS and 3DPW labels are SMPL
+    parameters and the synthetic benchmark is rendered from anny, so one switch (``data.source``)
+    selects a consistent study and ``make reproduce SOURCE=paper`` needs no second flag. A body model
+    asked for explicitly (``explicit_model``, e.g. ``--set body.model=anny``) that contradicts the
+    source is refused rather than silently replaced."""
+    want = SOURCE_BODY[cfg.data.source]
+    if explicit_model is not None and explicit_model != want:
+        raise ValueError(f"body.model={explicit_model} contradicts data.source={cfg.data.source}, whose labels "
+                         f"are {want} meshes; drop the body.model override (it follows the source)")
+    cfg.body.model = want  # type: ignore[assignment]
 
 
 def _set_dotted(cfg: Any, dotted: str, value: Any) -> None:

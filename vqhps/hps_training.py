@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from . import token_cache
 from .checkpoint import CheckpointMismatch, check_meta, load_checkpoint, read_meta, state_fingerprint
 from .config import VQHPSConfig
-from .data import synthetic
+from .data import source
 from .data.datasets import Augmentation, BenchmarkDataset, canonical_targets, prepare_batch, rotation_target
 from .distributed import current
 from .geometry import chordal_mean_rotation, crop_camera_rotation, rotation_angle_deg, rotation_angle_up_to_turn_deg
@@ -441,7 +441,7 @@ def vqhps_validation(vqvae, body, arrays: dict[str, np.ndarray], tokens: Callabl
 
 
 def _arrays(cfg, split: str, given: dict | None) -> dict:
-    return given if given is not None else synthetic.load_split(cfg, split)
+    return given if given is not None else source.load_split(cfg, split)
 
 
 def _refuse_foreign(path: Path, meta: dict) -> None:
@@ -742,7 +742,7 @@ def train_token_entropy(cfg, vqvae, body, device: torch.device, arrays: dict | N
     """``marginal_token_entropy`` of the training split's token table (``cached_token_table``, the one
     VQ-HPS trained on; its stored, un-mirrored column, as validation images are). ``arrays`` default:
     the profile's train split (pose and shape only)."""
-    arrays = arrays if arrays is not None else synthetic.load_split(cfg, "train", keys=("pose", "shape"))
+    arrays = arrays if arrays is not None else source.load_split(cfg, "train", keys=("pose", "shape"))
     return marginal_token_entropy(cached_token_table(cfg, vqvae.to(device).eval(), body.to(device), arrays,
                                                      device)[:, 0])
 

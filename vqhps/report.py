@@ -108,6 +108,20 @@ def run_line(manifest: dict) -> str:
             f"{manifest.get('device', '?')}{wall}{extra} (`manifest.json`).")
 
 
+def data_line(tables: Path) -> str | None:
+    """One sentence naming the data and body behind the tables (``data_source.csv``, written by notebook
+    00) and whether the paper's columns compare like with like; None for a run without that table."""
+    src = _read(tables, "data_source")
+    if src is None or not len(src):
+        return None
+    r = src.iloc[0]
+    if str(r["source"]) == "paper":
+        return (f"Data: {r['images']} and {r['pretraining']} on the {str(r['body']).upper()} body, as in the paper: "
+                f"the paper's columns are measured on the same test split with the same body (like for like).")
+    return (f"Data: the {r['images']} and the {r['pretraining']} on the {r['body']} body: the paper's columns are its "
+            f"3DPW / SMPL numbers, shown for scale, not measured on the same data.")
+
+
 def findings(tables: Path) -> list[str]:
     """Short statements computed from the tables: the Mesh-VQ-VAE's reconstruction, VQ-HPS's token
     cross-entropy against the marginal entropy, the uncertainty correlation."""
@@ -143,7 +157,8 @@ def results_block(results_dir: Path) -> str:
     if table1 is None:
         body = f"No run is committed under `{rel}/` yet: `make reproduce PROFILE={results_dir.name}` writes it."
         return "\n".join([BLOCK_BEGIN, body, BLOCK_END])
-    parts = [run_line(_manifest(results_dir)), "",
+    source = data_line(tables)
+    parts = [run_line(_manifest(results_dir)), *([source] if source else []), "",
              f"**Table 1** (`{rel}/tables/table1.csv`; mm, valid subset with the full test split in brackets):", "",
              table1_markdown(table1)]
     if table2 is not None:

@@ -11,11 +11,11 @@ import pandas as pd
 import torch
 
 from .checkpoint import load_checkpoint
-from .data.corpus import corpus_batch
+from .data import source
 from .data.datasets import canonical_targets
 from .mesh.hierarchy import build_hierarchy
 from .metrics import joints_from_centred
-from .train import TrainResult, device_of, device_step_indices, rank_slice, tf32_matmuls, train
+from .train import TrainResult, device_of, device_step_indices, tf32_matmuls, train
 from .vqvae import MeshVQVAE
 
 STAGES = ("pretrain", "finetune")
@@ -25,13 +25,16 @@ def checkpoint_dir(cfg) -> Path:
     return cfg.results_dir / "checkpoints"
 
 
+def body_hierarchy(cfg, body):
+    """The (cached) pooling hierarchy of the body's template under ``cfg.hierarchy``."""
+    h = cfg.hierarchy
+    return build_hierarchy(body.template.cpu().numpy(), body.faces.cpu().numpy(), h.level_sizes,
+                           h.bottom_size, h.pool_neighbours, h.max_neighbours, cache_dir=cfg.paths.cache / "hierarchy")
+
+
 def build_mesh_vqvae(cfg, body) -> MeshVQVAE:
     """A fresh Mesh-VQ-VAE on the body's template, with the (cached) pooling hierarchy."""
-    h = cfg.hierarchy
-    hierarchy = build_hierarchy(body.template.cpu().numpy(), body.faces.cpu().numpy(), h.level_sizes,
-                                h.bottom_size, h.pool_neighbours, h.max_neighbours,
-                                cache_dir=cfg.paths.cache / "hierarchy")
-    return MeshVQVAE(body.template.cpu(), hierarchy, cfg.vqvae, body_id=body.identifier())
+    return MeshVQVAE(body.template.cpu(), body_hierarchy(cfg, body), cfg.vqvae, body_id=body.identifier())
 
 
 def compile_for(model: MeshVQVAE, cfg, device: torch.device, inference: bool = False) -> MeshVQVAE:
@@ -71,7 +74,7 @@ def train_stage(cfg, body, stage: str, stop_after: int | None = None,
                 train_meshes: dict[str, np.ndarray] | None = None) -> tuple[MeshVQVAE, TrainResult]:
     """Train one stage (resuming its checkpoint when present) and return the model and its log.
 
-    ``pretrain`` streams corpus meshes; ``finetune`` starts from the pre-trained weights and streams
+    ``pretrain`` streams the source's pre-training meshes (``source.PretrainStream``); ``finetune`` starts from the pre-trained weights and streams
     the benchmark's training meshes (``train_meshes``: its "pose" and "shape" arrays)."""
     if stage not in STAGES:
         raise ValueError(f"unknown Mesh-VQ-VAE stage {stage!r}; choose one of {STAGES}")
@@ -82,8 +85,8 @@ def train_stage(cfg, body, stage: str, stop_after: int | None = None,
     v = cfg.vqvae
     if stage == "pretrain":
         steps, lr = v.pretrain_steps, v.lr
-        batch_fn = lambda step: {"verts": rank_slice(  # noqa: E731
-            corpus_batch(body, "train", step, v.batch_size, cfg.seed, device))}
+        stream = source.PretrainStream(cfg, body, v.batch_size, device)  # anny corpus or AMASS
+        batch_fn = lambda step: {"verts": stream.batch(step)}  # noqa: E731
     else:
         pre = load_checkpoint(checkpoint_dir(cfg) / "mesh_vqvae_pretrain.pt", expect=compatibility(model))
         model.load_state_dict(pre["model"])
@@ -191,20 +194,15 @@ def reconstruction_summary(model: MeshVQVAE, meshes: torch.Tensor, regressor17: 
 
 def evaluation_meshes(cfg, body, corpus_meshes: int = 0, splits: tuple[str, ...] = ("test",)) -> dict[str, torch.Tensor]:
     """Canonical meshes (on the CPU) to measure reconstruction on: the benchmark's ``splits`` and, with
-    ``corpus_meshes`` > 0, the first that many corpus training meshes (those pre-training sees first)."""
-    from .data import synthetic
-
+    ``corpus_meshes`` > 0, that many pre-training meshes (``source.pretrain_sample``)."""
     device = body.template.device
     sets = {}
     for split in splits:
-        arrays = synthetic.split_meshes(cfg, split)
+        arrays = source.split_meshes(cfg, split)
         sets[split] = canonical_targets(body, torch.as_tensor(arrays["pose"]).to(device),
                                         torch.as_tensor(arrays["shape"]).to(device)).cpu()
     if corpus_meshes > 0:
-        batch = cfg.vqvae.batch_size
-        steps = -(-corpus_meshes // batch)
-        sets["corpus_train"] = torch.cat([corpus_batch(body, "train", step, batch, cfg.seed, device)
-                                          for step in range(steps)])[:corpus_meshes].cpu()
+        sets["corpus_train"] = source.pretrain_sample(cfg, body, corpus_meshes, device).cpu()
     return sets
 
 
@@ -237,17 +235,21 @@ def code_usage(ids: torch.Tensor, codebook_size: int) -> tuple[np.ndarray, float
     return counts, float(np.exp(-(nz * np.log(nz)).sum()))
 
 
-def token_regions(model: MeshVQVAE, n_samples: int = 8, scale: float = 0.5) -> np.ndarray:
-    """Which token controls each vertex: perturb one token's latent and see which vertices move most."""
+def token_regions(model: MeshVQVAE, n_samples: int = 8, scale: float = 0.5, batch: int = 64) -> np.ndarray:
+    """Which token controls each vertex: perturb one token's latent and see which vertices move most.
+    The perturbations (drawn in token order, ``n_samples`` each) are decoded ``batch`` at a time."""
     device = model.template.device
     base = model.codebook[torch.zeros(1, model.n_tokens, dtype=torch.long, device=device)]
     gen = torch.Generator(device="cpu").manual_seed(0)
+    tokens = torch.arange(model.n_tokens).repeat_interleave(n_samples)
+    noise = torch.stack([torch.randn(base.shape[-1], generator=gen) for _ in range(len(tokens))]).to(device)
     with torch.no_grad():
         ref = model.decode_latent(base)
         influence = torch.zeros(model.n_tokens, model.n_vertices)
-        for t in range(model.n_tokens):
-            for _ in range(n_samples):
-                z = base.clone()
-                z[0, t] += scale * torch.randn(z.shape[-1], generator=gen).to(device)
-                influence[t] += torch.linalg.vector_norm(model.decode_latent(z) - ref, dim=-1)[0].cpu()
+        for start in range(0, len(tokens), batch):
+            t = tokens[start:start + batch]
+            z = base.expand(len(t), -1, -1).clone()
+            z[torch.arange(len(t)), t.to(device)] += scale * noise[start:start + batch]
+            moved = torch.linalg.vector_norm(model.decode_latent(z) - ref, dim=-1).cpu()
+            influence.index_add_(0, t, moved)
     return influence.argmax(0).numpy()

@@ -27,11 +27,13 @@ def load_body(cfg) -> BodyModel:
     """The body model a config names, with its joint regressors from the cache (anny: fitted by
     ``vqhps.body_setup.setup_body``; RegressorsNotFitted when they are not there yet)."""
     return _load_body(cfg.body.model, cfg.body.topology, cfg.body.smpl_gender, str(cfg.paths.cache),
-                      str(cfg.paths.smpl_dir), cfg.body.regressor_fit_samples, cfg.body.regressor_seed)
+                      str(cfg.paths.smpl_dir), cfg.body.regressor_fit_samples, cfg.body.regressor_seed,
+                      cfg.data.source == "paper")
 
 
 @lru_cache(maxsize=4)
-def _load_body(model: str, topology: str, gender: str, cache: str, smpl_dir: str, n_fit: int, seed: int) -> BodyModel:
+def _load_body(model: str, topology: str, gender: str, cache: str, smpl_dir: str, n_fit: int, seed: int,
+               require_h36m: bool = False) -> BodyModel:
     if model == "anny":
         from .anny_body import AnnyBody
         from .regressors import load_regressors, regressor_path
@@ -46,7 +48,8 @@ def _load_body(model: str, topology: str, gender: str, cache: str, smpl_dir: str
     if model == "smpl":
         from .smpl import SMPLBody
 
-        return SMPLBody(Path(smpl_dir), gender=gender).eval()
+        # the paper's protocol measures joints through the user's H36M regressor: no fallback then
+        return SMPLBody(Path(smpl_dir), gender=gender, require_h36m=require_h36m).eval()
     raise ValueError(f"unknown body model {model!r} (config field body.model): use 'anny' or 'smpl'")
 
 

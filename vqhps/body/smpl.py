@@ -237,13 +237,15 @@ class SMPLBody(BodyModel):
     """SMPL (6890 vertices, 24 joints, 10 betas) from the user's model file.
 
     ``regressor17_source`` says which H36M regressor is in use: ``"file"`` (``J_regressor_h36m.npy``
-    next to the model) or ``"fallback"`` (:func:`h36m_fallback_regressor`).
+    next to the model) or ``"fallback"`` (:func:`h36m_fallback_regressor`); ``require_h36m`` makes a
+    missing file an error instead (the paper's protocol).
     """
 
     name = "smpl"
     shape_dim = 10
 
-    def __init__(self, model_dir: Path | str | None = None, gender: str = "neutral", num_betas: int = 10) -> None:
+    def __init__(self, model_dir: Path | str | None = None, gender: str = "neutral", num_betas: int = 10,
+                 require_h36m: bool = False) -> None:
         super().__init__()
         if gender not in GENDER_FILES:
             raise ValueError(f"gender must be one of {sorted(GENDER_FILES)}, got {gender!r}")
@@ -259,6 +261,11 @@ class SMPLBody(BodyModel):
         n_verts = arrays.v_template.shape[0]
 
         reg17_path = self.model_dir / H36M_REGRESSOR_FILE
+        if require_h36m and not reg17_path.is_file():
+            raise FileNotFoundError(
+                f"H36M joint regressor not found: {reg17_path} (the paper's MPJPE / PA-MPJPE need it; "
+                f"copy J_regressor_h36m.npy, (17, {n_verts}), from SPIN's or VIBE's data files into "
+                f"{self.model_dir}, set {SMPL_ENV_VAR} to its folder)")
         if reg17_path.is_file():
             reg17 = _load_h36m_regressor(reg17_path, n_verts)
             self.regressor17_source = "file"

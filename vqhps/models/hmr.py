@@ -11,7 +11,7 @@ from torch import nn
 
 from .backbone import build_backbone
 from .body_params import (DEFAULT_WEIGHTS, IterativeRegressor, ParamLayout, ensure_body_device,
-                          parametric_terms, pose_body, weighted_total)
+                          parametric_terms, pose_body, pose_spec, weighted_total)
 from .layers import REGRESSION_MLP
 
 
@@ -35,7 +35,7 @@ class HMR(nn.Module):
             raise ValueError(f"unknown loss weights {sorted(unknown)}; known: {sorted(DEFAULT_WEIGHTS)}")
         self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}
         object.__setattr__(self, "body", body)  # not a submodule: see class docstring
-        self.layout = ParamLayout(shape_dim=int(body.shape_dim))
+        self.layout = ParamLayout(shape_dim=int(body.shape_dim), spec=pose_spec(body))
         self.backbone = build_backbone(cfg.vqhps.backbone, cfg.vqhps.backbone_weights)
         self.regressor = IterativeRegressor(self.backbone.out_dim + self.extra_dim, self.layout.mean(init_pose), hidden,
                                             cfg.vqhps.dropout, n_iter)
