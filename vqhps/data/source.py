@@ -130,14 +130,18 @@ def hierarchy_levels(cfg, body) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _frames(stride: int) -> str:
+    return "every frame" if stride == 1 else f"one frame in {stride}"
+
+
 def describe(cfg) -> pd.DataFrame:
     """One row saying which data and body a run used (``data_source.csv``; the report's caption)."""
     if not is_paper(cfg):
         row = {"source": "synthetic", "body": "anny", "images": "rendered synthetic benchmark (3DPW analogue)",
                "pretraining": "anny mesh corpus (AMASS analogue)", "like_for_like": False}
     else:
-        row = {"source": "paper", "body": "smpl", "images": f"3DPW crops (every {cfg.data.pw3d_stride}. frame)",
-               "pretraining": f"AMASS (every {cfg.data.amass_stride}. frame)", "like_for_like": True}
+        row = {"source": "paper", "body": "smpl", "images": f"3DPW crops ({_frames(cfg.data.pw3d_stride)})",
+               "pretraining": f"AMASS ({_frames(cfg.data.amass_stride)})", "like_for_like": True}
     return pd.DataFrame([row])
 
 
