@@ -230,7 +230,7 @@ def _reproduce(profile: str, nproc: int, only: list[str] | None, overlap: bool, 
         for nb in selected:
             if jobs is not None:
                 jobs.wait_for(nb.name)
-            print(f"[{profile}] {nb.name} ...", flush=True)
+            print(f"[{cfg.run_name}] {nb.name} ...", flush=True)
             start = time.perf_counter()
             try:
                 _execute(nb, out_dir, {"profile": profile, "nproc": nproc}, runner)
@@ -247,7 +247,7 @@ def _reproduce(profile: str, nproc: int, only: list[str] | None, overlap: bool, 
                 jobs.start_ready()
                 manifest["background_jobs"] = jobs.walls
             write_manifest(manifest_path, manifest)
-            print(f"[{profile}] {nb.name} done in {wall:.0f} s", flush=True)
+            print(f"[{cfg.run_name}] {nb.name} done in {wall:.0f} s", flush=True)
     finally:
         if jobs is not None:
             jobs.stop()
@@ -263,5 +263,5 @@ def _reproduce(profile: str, nproc: int, only: list[str] | None, overlap: bool, 
     plt.close(fig)
     from .report import write_report
 
-    print(f"[{profile}] report: {write_report(cfg.results_dir)}", flush=True)
+    print(f"[{cfg.run_name}] report: {write_report(cfg.results_dir)}", flush=True)
     return 0
