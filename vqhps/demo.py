@@ -40,6 +40,7 @@ Conventions:
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import json
@@ -47,7 +48,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -253,21 +254,32 @@ def overlay_camera(cam: np.ndarray, size: int, depth: float = OVERLAY_DEPTH) -> 
     return K, np.array([tx / s, ty / s, depth])
 
 
+@contextlib.contextmanager
+def _renderer_or_new(renderer, width: int, height: int | None = None) -> Iterator[Any]:
+    """``renderer`` as given (the caller's, reused across images), or a new ``MeshRenderer`` of that
+    size, closed on exit."""
+    if renderer is not None:
+        yield renderer
+        return
+    from .render import MeshRenderer
+
+    own = MeshRenderer(width, height)
+    try:
+        yield own
+    finally:
+        own.close()
+
+
 def render_overlay(pred: dict, faces: np.ndarray, renderer=None, vertex_colors: np.ndarray | None = None) -> np.ndarray:
     """The predicted mesh drawn over its crop (plain, or with per-vertex RGBA colours) -> uint8 RGB (S, S, 3)."""
-    from .render import MeshRenderer, composite
+    from .render import composite
 
     patch = pred["crop"]
     size = patch.shape[0]
     K, t = overlay_camera(pred["cam"], size)
     verts = pred["vertices"] - pred["vertices"].mean(0) + t
-    own = renderer is None
-    renderer = renderer or MeshRenderer(size)
-    try:
-        rgba, _ = renderer.render(verts, faces, K, vertex_colors=vertex_colors)
-    finally:
-        if own:
-            renderer.close()
+    with _renderer_or_new(renderer, size) as r:
+        rgba, _ = r.render(verts, faces, K, vertex_colors=vertex_colors)
     return composite(rgba, patch, alpha=0.8)
 
 
@@ -297,7 +309,7 @@ def render_on_image(pred: dict, image: np.ndarray, faces: np.ndarray, renderer=N
                     vertex_colors: np.ndarray | None = None) -> np.ndarray:
     """The predicted mesh drawn over the whole photo (uint8 (H, W, 3)) at its own resolution, through
     ``image_camera`` (plain, or with per-vertex RGBA colours) -> uint8 RGB (H, W, 3)."""
-    from .render import MeshRenderer, composite
+    from .render import composite
 
     height, width = image.shape[:2]
     K, t = image_camera(pred["cam"], pred["bbox"], pred["crop"].shape[0])
@@ -309,14 +321,9 @@ def render_on_image(pred: dict, image: np.ndarray, faces: np.ndarray, renderer=N
     x0, y0, x1, y1 = window
     K_window = K.copy()
     K_window[:2, 2] -= (x0, y0)
-    own = renderer is None
-    renderer = renderer or MeshRenderer(x1 - x0, y1 - y0)
-    try:
-        renderer.resize(x1 - x0, y1 - y0)
-        rgba, _ = renderer.render(verts, faces, K_window, vertex_colors=vertex_colors)
-    finally:
-        if own:
-            renderer.close()
+    with _renderer_or_new(renderer, x1 - x0, y1 - y0) as r:
+        r.resize(x1 - x0, y1 - y0)
+        rgba, _ = r.render(verts, faces, K_window, vertex_colors=vertex_colors)
     out[y0:y1, x0:x1] = composite(rgba, out[y0:y1, x0:x1], alpha=0.8)
     return out
 
@@ -324,18 +331,13 @@ def render_on_image(pred: dict, image: np.ndarray, faces: np.ndarray, renderer=N
 def render_side_view(vertices: np.ndarray, faces: np.ndarray, renderer=None, size: int = SIDE_VIEW_SIZE) -> np.ndarray:
     """The camera-frame mesh turned by ``SIDE_TURN`` about its centre, framed on white -> uint8 RGB
     (size, size, 3) (module docstring)."""
-    from .render import MeshRenderer, render_canonical
+    from .render import render_canonical
 
     turned = (vertices - vertices.mean(0)) @ SIDE_TURN.T
-    own = renderer is None
-    renderer = renderer or MeshRenderer(size)
-    try:
-        renderer.resize(size)
+    with _renderer_or_new(renderer, size) as r:
+        r.resize(size)
         # render_canonical takes y-up meshes facing +z and turns them into the camera's y-down frame
-        return render_canonical(renderer, turned * np.array([1.0, -1.0, -1.0]), faces)
-    finally:
-        if own:
-            renderer.close()
+        return render_canonical(r, turned * np.array([1.0, -1.0, -1.0]), faces)
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
@@ -365,16 +367,9 @@ def write_outputs(pred: dict, image: np.ndarray, faces: np.ndarray, out_dir: Pat
     each atomically; with a spread in ``pred`` (``predict(..., samples=K)``) also <stem>_spread.png
     (the mesh over the image coloured by per-vertex spread) and <stem>_spread.glb (the mesh with
     those colours)."""
-    from .render import MeshRenderer
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    own = renderer is None
-    renderer = renderer or MeshRenderer(pred["crop"].shape[0])
-    try:
-        files, record = _outputs(pred, image, faces, stem, source, renderer)
-    finally:
-        if own:
-            renderer.close()
+    with _renderer_or_new(renderer, pred["crop"].shape[0]) as r:
+        files, record = _outputs(pred, image, faces, stem, source, r)
     record.update(provenance or {})
     files[f"{stem}.json"] = json.dumps(record, indent=1).encode()
     paths = []
