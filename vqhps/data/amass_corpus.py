@@ -31,11 +31,10 @@ def amass_files(cfg) -> list[Path]:
     return files[:cfg.data.amass_max_files] if cfg.data.amass_max_files else files
 
 
-def corpus_key(cfg) -> dict:
-    """What the table depends on: the files (names relative to the root, sizes, mtimes) and the stride."""
+def corpus_key(cfg, files: list[Path]) -> dict:
+    """What the table depends on: the files (``amass_files``: names, sizes, mtimes) and the stride."""
     from .pw3d_crops import file_fingerprint
 
-    files = amass_files(cfg)
     return {"version": CORPUS_VERSION, "stride": cfg.data.amass_stride, "n_files": len(files),
             "files": file_fingerprint(files), "root": str(cfg.paths.amass_dir)}
 
@@ -48,11 +47,12 @@ def build_corpus(cfg, progress: bool = True) -> Path:
     """Read the AMASS files into the cached parameter table (pose (N, 72) with the root zeroed, betas
     (N, 10) float32) unless a table of the same files and stride is there; returns its path."""
     path = corpus_path(cfg)
-    key = corpus_key(cfg)
+    files = amass_files(cfg)  # one walk of the AMASS tree serves the key and the reading
+    key = corpus_key(cfg, files)
     if _key_of(path) == key:
         return path
     poses, betas = [], []
-    for file in tqdm(amass_files(cfg), desc="reading AMASS", disable=not progress):
+    for file in tqdm(files, desc="reading AMASS", disable=not progress):
         seq = load_amass_npz(file)
         p = seq["poses"][::cfg.data.amass_stride].copy()
         p[:, :3] = 0.0  # canonical meshes: no global orientation
