@@ -112,6 +112,9 @@ def benchmark_histograms(splits: dict[str, dict[str, np.ndarray]]):
     from vqhps.body.anny_body import PHENOTYPES
     from vqhps.data.synthetic import LIGHT_NAMES
 
+    n_shape = next(iter(splits.values()))["shape"].shape[1]
+    anny = n_shape == len(PHENOTYPES)  # else SMPL betas: unbounded, about N(0, 1)
+    half = -(-n_shape // 2)  # shape parameters 1..half in one panel, the rest in the next
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for split, a in splits.items():
         axes[0, 0].hist(a["yaw"], bins=36, range=(-180, 180), alpha=0.5, density=True, label=split)
@@ -119,20 +122,15 @@ def benchmark_histograms(splits: dict[str, dict[str, np.ndarray]]):
         axes[0, 2].bar(np.arange(3) + 0.25 * list(splits).index(split),
                        np.bincount(a["light"].astype(int), minlength=3) / len(a["light"]), width=0.25, label=split)
         axes[1, 0].hist(a["occlusion"][a["occlusion"] > 0], bins=20, range=(0, 1), alpha=0.5, label=split)
-        n_shape = a["shape"].shape[1]
-        anny = n_shape == len(PHENOTYPES)  # else SMPL betas: unbounded, about N(0, 1)
         for p in range(n_shape):
-            axes[1, 1 + p // -(-n_shape // 2)].hist(a["shape"][:, p], bins=20, range=(0, 1) if anny else (-3, 3),
-                                                    alpha=0.35, histtype="step",
-                                                    label=f"{split}:{PHENOTYPES[p] if anny else f'beta {p + 1}'}")
+            axes[1, 1 + p // half].hist(a["shape"][:, p], bins=20, range=(0, 1) if anny else (-3, 3), alpha=0.35,
+                                        histtype="step", label=f"{split}:{PHENOTYPES[p] if anny else f'beta {p + 1}'}")
     axes[0, 0].set_title("root yaw (deg)")
     axes[0, 1].set_title("focal length (px)")
     axes[0, 2].set_title("lighting")
     axes[0, 2].set_xticks(np.arange(3) + 0.25, LIGHT_NAMES)
     axes[1, 0].set_title("occluded fraction (occluded images)")
-    n_shape = next(iter(splits.values()))["shape"].shape[1]
-    half = -(-n_shape // 2)
-    what = "phenotypes" if n_shape == len(PHENOTYPES) else "betas"
+    what = "phenotypes" if anny else "betas"
     axes[1, 1].set_title(f"{what} 1-{half}")
     axes[1, 2].set_title(f"{what} {half + 1}-{n_shape}")
     for ax in axes.ravel():
